@@ -1,0 +1,112 @@
+"""updp checkpoints: weights plus what is needed to rebuild the module tree.
+
+A checkpoint is a dict saved with ``torch.save`` (loadable with
+``weights_only=True``)::
+
+    {"updp_checkpoint": 1, "model": "convnext_atto", "num_classes": 10,
+     "pruned": ["stages.2.blocks.1", ...], "form": "original" | "pruned" | "merged",
+     "state_dict": {...}, "meta": {...}}
+
+``load_checkpoint`` rebuilds the timm model, applies the plan (pruned form)
+and merges it (merged form) before loading the weights, so a merged checkpoint
+loads back into a model built from its plan.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from updp.errors import CheckpointError
+from updp.fileio import atomic_path
+from updp.pruner.models import create_model
+
+FORMS = ("original", "pruned", "merged")
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module
+    model_name: str
+    num_classes: int
+    pruned: list[str] = field(default_factory=list)
+    form: str = "original"
+    meta: dict = field(default_factory=dict)
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
+    """Write atomically: an interrupted save leaves the previous file intact."""
+    if ckpt.form not in FORMS:
+        raise CheckpointError(f"unknown checkpoint form '{ckpt.form}'")
+    state = {
+        "updp_checkpoint": 1, "model": ckpt.model_name, "num_classes": ckpt.num_classes,
+        "pruned": list(ckpt.pruned), "form": ckpt.form, "meta": ckpt.meta,
+        "state_dict": {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def read_file(path: str | os.PathLike) -> dict:
+    """``torch.load`` a weights file safely, turning corruption into a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint '{path}' is corrupted or not a torch file: {first}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"checkpoint '{path}' holds a {type(data).__name__}, not a dict of weights")
+    return data
+
+
+def is_updp_checkpoint(data: dict) -> bool:
+    return data.get("updp_checkpoint") == 1
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Rebuild the model a ``save_checkpoint`` file describes and load its weights."""
+    from updp.pruner.merge import merge_model
+    from updp.pruner.plan import apply_plan
+
+    data = read_file(path)
+    if not is_updp_checkpoint(data):
+        raise CheckpointError(f"'{path}' is not an updp checkpoint; pass it with --checkpoint next to a model name")
+    model = create_model(data["model"], data["num_classes"])
+    pruned = list(data.get("pruned", []))
+    if data["form"] != "original":
+        apply_plan(model, pruned, lam=0.0)
+    if data["form"] == "merged":
+        model = merge_model(model)
+    load_state(model, data["state_dict"], str(path))
+    return Checkpoint(model, data["model"], data["num_classes"], pruned, data["form"], data.get("meta", {}))
+
+
+def raw_state_dict(data: dict) -> dict:
+    """The weights inside a plain, timm-style or updp weights file."""
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(data.get(key), dict):
+            return data[key]
+    return data
+
+
+def load_state(model: nn.Module, state: dict, source: str) -> None:
+    """Load weights strictly; a mismatch says which keys and shapes differ."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and hasattr(state[k], "shape") and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise CheckpointError(f"checkpoint '{source}' does not match the model: {'; '.join(parts)}")
+    model.load_state_dict(state)

@@ -1,0 +1,104 @@
+"""Block discovery: the model's prunable blocks in forward order, with their costs."""
+from __future__ import annotations
+
+import copy
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from updp.pruner.cost import count_macs, count_params
+from updp.pruner.registry import family_for
+from updp.pruner.spec import BlockSpec
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What ``find_blocks`` saw: supported blocks, and the rest by class name."""
+
+    blocks: list[BlockSpec]
+    input_size: tuple[int, int, int]
+    other_block_classes: dict[str, int]
+
+    @property
+    def prunable(self) -> list[BlockSpec]:
+        return [b for b in self.blocks if b.supported]
+
+    @property
+    def worthwhile(self) -> list[BlockSpec]:
+        return [b for b in self.blocks if b.worthwhile]
+
+
+def stage_and_index(name: str) -> tuple[int, int]:
+    """Stage from the module path: ``stages.2.blocks.3`` -> (2, 3), ``layer3.1`` -> (2, 1)."""
+    layer = re.search(r"layer(\d+)\.(\d+)$", name)
+    if layer:
+        return int(layer.group(1)) - 1, int(layer.group(2))
+    nums = [int(p) for p in name.split(".") if p.isdigit()]
+    if len(nums) >= 2:
+        return nums[0], nums[-1]
+    return 0, nums[-1] if nums else 0
+
+
+def _record_inputs(model: nn.Module, input_size: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+    """Each registered block's input, in the order the forward pass reaches them."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if family_for(module) is not None:
+            hooks.append(module.register_forward_pre_hook(
+                lambda m, args, name=name: seen.setdefault(name, args[0].detach().clone())))
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model(torch.randn(1, *input_size, dtype=param.dtype, device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _merged_cost(block: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    family = family_for(block)
+    pblock = family.progressive(copy.deepcopy(block)).eval()
+    pblock.lam = 0.0
+    merged = family.merge(pblock)
+    return count_macs(merged, x), count_params(merged)
+
+
+def _spec(name: str, block: nn.Module, x: torch.Tensor) -> BlockSpec:
+    family = family_for(block)
+    reason = family.check(block)
+    in_chs, out_chs, stride = family.channels(block)
+    stage, index = stage_and_index(name)
+    merged_macs = merged_params = 0
+    if reason is None:
+        merged_macs, merged_params = _merged_cost(block, x)
+    return BlockSpec(name, stage, index, family.name, type(block).__name__, in_chs, out_chs, stride,
+                     count_macs(block, x), count_params(block), merged_macs, merged_params, reason)
+
+
+def _other_block_classes(model: nn.Module) -> dict[str, int]:
+    """Classes of the elements of Sequential/ModuleList containers no family handles."""
+    counts: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, (nn.Sequential, nn.ModuleList)):
+            for child in module.children():
+                if family_for(child) is None and len(list(child.children())) >= 2:
+                    counts[type(child).__name__] += 1
+    return dict(counts)
+
+
+def find_blocks(model: nn.Module, input_size: tuple[int, int, int]) -> Discovery:
+    """Every block of a registered family, in forward order, costed at ``input_size``."""
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = _record_inputs(model, input_size)
+        modules = dict(model.named_modules())
+        specs = [_spec(name, modules[name], x) for name, x in inputs.items()]
+    finally:
+        model.train(was_training)
+    return Discovery(specs, tuple(input_size), _other_block_classes(model))

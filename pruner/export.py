@@ -1,0 +1,107 @@
+"""``updp merge``: merge a plan, check it, write the checkpoint, ONNX and merge.json."""
+from __future__ import annotations
+
+import copy
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from torch import nn
+
+from updp.errors import PlanError, UpdpError
+from updp.fileio import write_json
+from updp.onnx_export import export_onnx, run_onnx
+from updp.pruner.checkpoint import (Checkpoint, is_updp_checkpoint, load_checkpoint, load_state, raw_state_dict,
+                                    read_file, save_checkpoint)
+from updp.pruner.cost import count_macs, count_params
+from updp.pruner.discovery import Discovery, find_blocks
+from updp.pruner.merge import merge_model
+from updp.pruner.models import create_model, default_input_size
+from updp.pruner.plan import apply_plan
+from updp.pruner.verify import merge_error
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    name: str
+    num_classes: int
+    pruned: list[str] = field(default_factory=list)
+
+
+def load_model(spec: str, checkpoint: str | None = None, num_classes: int | None = None) -> LoadedModel:
+    """A timm name or an updp checkpoint file, with optional weights from ``checkpoint``."""
+    if os.path.isfile(spec):
+        ckpt = load_checkpoint(spec)
+        if ckpt.form == "merged":
+            raise UpdpError(f"'{spec}' is already merged; pass the original or pruned checkpoint")
+        return LoadedModel(ckpt.model, ckpt.model_name, ckpt.num_classes, ckpt.pruned)
+    model = create_model(spec, num_classes)
+    if checkpoint:
+        data = read_file(checkpoint)
+        if is_updp_checkpoint(data) and data["form"] != "original":
+            raise UpdpError(f"'{checkpoint}' holds a {data['form']} model; pass it as MODEL instead")
+        load_state(model, raw_state_dict(data), checkpoint)
+    return LoadedModel(model, spec, model.num_classes)
+
+
+def validate_plan(discovery: Discovery, pruned: list[str], allow_costlier: bool = False) -> None:
+    """Every named block exists, is supported and (unless allowed) gets cheaper."""
+    if not pruned:
+        raise PlanError("the plan is empty: name at least one block (see 'updp blocks MODEL')")
+    by_name = {b.name: b for b in discovery.blocks}
+    for name in pruned:
+        spec = by_name.get(name)
+        if spec is None:
+            close = ", ".join(list(by_name)[:6])
+            raise PlanError(f"block '{name}' is not a block of a supported family; blocks: {close}, ...")
+        if not spec.supported:
+            raise PlanError(f"block '{name}' cannot be pruned exactly: {spec.reason}")
+        if not spec.worthwhile and not allow_costlier:
+            raise PlanError(f"block '{name}' ({spec.family}) merges into a costlier form "
+                            f"({spec.merged_macs:,} vs {spec.macs:,} MACs); drop it or pass --allow-costlier")
+
+
+def _onnx_check(merged: nn.Module, path: Path, input_size: tuple[int, int, int]) -> float:
+    x = torch.randn(1, *input_size)
+    with torch.no_grad():
+        want = merged(x).numpy()
+    got = run_onnx(path, x.numpy())
+    if not np.allclose(got, want, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(want).max()))):
+        raise UpdpError(f"ONNX Runtime output differs from torch (max abs diff {np.abs(got - want).max():.3g})")
+    return float(np.abs(got - want).max())
+
+
+def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, checkpoint: str | None = None,
+                     img_size: int | None = None, allow_costlier: bool = False) -> dict:
+    """Merge ``pruned`` blocks of a model and write ``merged.pt``, ``merged.onnx`` and ``merge.json``."""
+    loaded = load_model(spec, checkpoint)
+    pruned = list(dict.fromkeys([*loaded.pruned, *pruned]))
+    # A pruned checkpoint's own model has its blocks wrapped: cost the plain architecture.
+    original = (create_model(loaded.name, loaded.num_classes) if loaded.pruned else loaded.model).eval()
+    input_size = default_input_size(original, img_size)
+    validate_plan(find_blocks(original, input_size), pruned, allow_costlier)
+    subnet = apply_plan(copy.deepcopy(loaded.model), pruned, lam=0.0).eval()
+    merged = merge_model(subnet)
+    x = torch.randn(1, *input_size)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "merged.pt", Checkpoint(merged, loaded.name, loaded.num_classes, pruned, "merged",
+                                                  {"input_size": list(input_size)}))
+    export_onnx(merged, (1, *input_size), out / "merged.onnx")
+    report = {
+        "model": loaded.name, "pruned": pruned, "input_size": list(input_size),
+        "params_before": count_params(original), "params_after": count_params(merged),
+        "macs_before": count_macs(original, x), "macs_after": count_macs(merged, x),
+        "max_abs_diff_fp32": merge_error(subnet, input_size, torch.float32),
+        "max_abs_diff_fp64": merge_error(subnet, input_size, torch.float64),
+        "onnx_max_abs_diff": _onnx_check(merged, out / "merged.onnx", input_size),
+        "context": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+                    "device": "cpu", "diff_inputs": "random normal, batch 2, BN statistics randomized"},
+    }
+    write_json(out / "merge.json", report)
+    return report

@@ -1,0 +1,59 @@
+"""The contract every block family adapter fulfils."""
+from __future__ import annotations
+
+import abc
+
+from torch import nn
+
+from updp.pruner.progressive import ProgressiveBlock
+
+
+class BlockFamily(abc.ABC):
+    """Adapter for one family of timm blocks (see ``register_family``).
+
+    ``check`` says why an instance cannot be pruned exactly (or None);
+    ``progressive`` wraps a block into its progressive form, sharing its
+    weights; ``merge`` folds a progressive block at lambda 0 into the smaller
+    module that computes the same function in eval mode.
+    """
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def check(self, block: nn.Module) -> str | None:
+        """Why this block instance cannot be pruned exactly, or None."""
+
+    @abc.abstractmethod
+    def channels(self, block: nn.Module) -> tuple[int, int, int]:
+        """``(in_chs, out_chs, stride)`` of the block."""
+
+    @abc.abstractmethod
+    def progressive(self, block: nn.Module) -> ProgressiveBlock:
+        """The block's progressive form (lambda 1 = the block itself)."""
+
+    @abc.abstractmethod
+    def merge(self, pblock: ProgressiveBlock) -> nn.Module:
+        """The merged module equal to ``pblock`` at lambda 0 in eval mode."""
+
+
+def is_identity(module: nn.Module | None) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def act_of(module: nn.Module) -> nn.Module:
+    """The activation inside a timm ``BatchNormAct2d`` (Identity when none)."""
+    return getattr(module, "act", nn.Identity())
+
+
+def static_padding(conv: nn.Module) -> str | None:
+    """Why a conv's padding cannot be moved to the chain input, or None."""
+    if not isinstance(conv, nn.Conv2d) or type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} uses dynamic 'same' padding (TF port)"
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        return "conv padding is not static zero padding"
+    if conv.dilation != (1, 1):
+        return "dilated convolutions are not supported"
+    k, p, s = conv.kernel_size, conv.padding, conv.stride
+    if k[0] != k[1] or p[0] != p[1] or s[0] != s[1]:
+        return "non-square kernel, padding or stride"
+    return None

@@ -1,0 +1,34 @@
+"""Model-level merging: fold every pruned block (at lambda 0) into its merged form."""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from updp.errors import PlanError
+from updp.pruner.plan import apply_plan, progressive_blocks
+from updp.pruner.registry import family_for
+
+
+def merge_model(model: nn.Module, plan: Iterable[str] | None = None) -> nn.Module:
+    """A new model, in eval mode, with every pruned block merged.
+
+    Args:
+        model: a model whose pruned blocks are progressive blocks at lambda 0
+            (as trained), or an original model.
+        plan: block names to prune first where ``model`` still has them in
+            their original form (fresh BNs; mostly for timing and tests).
+    """
+    merged = copy.deepcopy(model)
+    if plan is not None:
+        missing = [n for n in plan if n not in progressive_blocks(merged)]
+        apply_plan(merged, missing, lam=0.0)
+    merged.eval()
+    with torch.no_grad():
+        for name, pblock in progressive_blocks(merged).items():
+            if pblock.lam != 0.0:
+                raise PlanError(f"block '{name}' is at lambda {pblock.lam:.3g}; merging is exact only at lambda 0")
+            merged.set_submodule(name, family_for(pblock.block).merge(pblock).eval())
+    return merged

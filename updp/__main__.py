@@ -1,0 +1,5 @@
+import sys
+
+from updp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""The ``updp`` command line: thin subcommands over the library.
+
+Errors a user can cause print one line and exit 2; ``--debug`` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from updp import __version__
+from updp.errors import UpdpError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _fmt_count(n: int) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def cmd_blocks(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from updp.pruner.discovery import find_blocks
+    from updp.pruner.export import load_model
+    from updp.pruner.models import default_input_size
+    from updp.pruner.registry import supported_classes
+
+    loaded = load_model(args.model, args.checkpoint)
+    size = default_input_size(loaded.model, args.img_size)
+    found = find_blocks(loaded.model, size)
+    rows = [b.as_dict() for b in found.blocks]
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
+        return 0
+    if args.format == "csv":
+        print(pd.DataFrame(rows).to_csv(index=False), end="")
+        return 0
+    if not rows:
+        others = ", ".join(f"{k} x{v}" for k, v in found.other_block_classes.items()) or "none found"
+        raise UpdpError(f"{loaded.name} has no block of a supported family (its blocks: {others}); "
+                        f"supported: {', '.join(supported_classes())}")
+    table = pd.DataFrame([{
+        "name": b.name, "stage": b.stage, "family": b.family, "in": b.in_chs, "out": b.out_chs,
+        "stride": b.stride, "MACs": _fmt_count(b.macs), "merged MACs": _fmt_count(b.merged_macs) if b.supported else "-",
+        "params": _fmt_count(b.params), "merged params": _fmt_count(b.merged_params) if b.supported else "-",
+        "worthwhile": "yes" if b.worthwhile else ("no" if b.supported else "unsupported"),
+    } for b in found.blocks])
+    print(f"{loaded.name}: {len(found.blocks)} blocks at input {'x'.join(map(str, size))}, "
+          f"{len(found.worthwhile)} worth pruning (merged form cheaper)")
+    print(table.to_string(index=False))
+    for reason in sorted({b.reason for b in found.blocks if b.reason}):
+        names = [b.name for b in found.blocks if b.reason == reason]
+        print(f"unsupported ({len(names)}): {reason}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from updp.pruner.export import merge_and_export
+    from updp.pruner.plan import parse_plan
+
+    report = merge_and_export(args.model, parse_plan(args.plan) if args.plan else [], args.out,
+                              args.checkpoint, args.img_size, args.allow_costlier)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+        return 0
+    ratio = lambda a, b: f"{b / a:.3f}x" if a else "-"  # noqa: E731
+    print(f"merged {len(report['pruned'])} blocks of {report['model']} into {args.out}")
+    print(f"  params  {_fmt_count(report['params_before']):>9} -> {_fmt_count(report['params_after']):>9}"
+          f"  ({ratio(report['params_before'], report['params_after'])})")
+    print(f"  MACs    {_fmt_count(report['macs_before']):>9} -> {_fmt_count(report['macs_after']):>9}"
+          f"  ({ratio(report['macs_before'], report['macs_after'])})")
+    print(f"  merged vs subnet max abs diff: fp64 {report['max_abs_diff_fp64']:.2e}, "
+          f"fp32 {report['max_abs_diff_fp32']:.2e}; ONNX Runtime vs torch {report['onnx_max_abs_diff']:.2e}")
+    print(f"  wrote merged.pt, merged.onnx, merge.json (load with updp.pruner.load_checkpoint)")
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="timm model name (e.g. convnext_atto) or an updp checkpoint file")
+    p.add_argument("--checkpoint", metavar="FILE",
+                   help="weights for MODEL: a plain/timm state_dict or an updp checkpoint (random weights if omitted)")
+    p.add_argument("--img-size", type=int, metavar="PX", help="square input size (default: the model's own)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="updp", description="Latency-aware progressive depth pruning for timm CNNs and ViTs.",
+        epilog="Run 'updp COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"updp {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("blocks", help="list a model's prunable blocks with their costs",
+                       description="List the prunable blocks of MODEL in forward order: family, channels, "
+                                   "stride, MACs/params of the original and merged forms, and whether "
+                                   "pruning is worthwhile (merged form cheaper).")
+    _add_model_args(p)
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.set_defaults(func=cmd_blocks)
+
+    p = sub.add_parser("merge", help="merge a pruning plan into a smaller model and export it",
+                       description="Prune the blocks of PLAN at lambda 0, fold each into its merged form, "
+                                   "check exactness, and write merged.pt, merged.onnx and merge.json to DIR.")
+    _add_model_args(p)
+    p.add_argument("--plan", metavar="PLAN",
+                   help="comma-separated block names (as 'updp blocks' prints them) or a JSON file with that list; "
+                        "optional when MODEL is a pruned updp checkpoint")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    p.add_argument("--allow-costlier", action="store_true",
+                   help="also merge blocks whose merged form costs more MACs than the original")
+    p.add_argument("--format", choices=["text", "json"], default="text")
+    p.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except UpdpError as e:
+        if args.debug:
+            raise
+        print(f"updp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("updp: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI never shows a raw traceback unasked
+        if args.debug:
+            raise
+        print(f"updp: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
