@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -68,16 +69,17 @@ def _merged_cost(block: nn.Module, x: torch.Tensor) -> tuple[int, int]:
     return count_macs(merged, x), count_params(merged)
 
 
-def _spec(name: str, block: nn.Module, x: torch.Tensor) -> BlockSpec:
+def _spec(name: str, block: nn.Module, x: torch.Tensor, costed: bool) -> BlockSpec:
     family = family_for(block)
     reason = family.check(block)
     in_chs, out_chs, stride = family.channels(block)
     stage, index = stage_and_index(name)
-    merged_macs = merged_params = 0
-    if reason is None:
-        merged_macs, merged_params = _merged_cost(block, x)
-    return BlockSpec(name, stage, index, family.name, type(block).__name__, in_chs, out_chs, stride,
-                     count_macs(block, x), count_params(block), merged_macs, merged_params, reason)
+    spec = BlockSpec(name, stage, index, family.name, type(block).__name__, in_chs, out_chs, stride, reason=reason)
+    if not costed:
+        return spec
+    merged_macs, merged_params = _merged_cost(block, x) if reason is None else (0, 0)
+    return dataclasses.replace(spec, macs=count_macs(block, x), params=count_params(block),
+                               merged_macs=merged_macs, merged_params=merged_params)
 
 
 def _other_block_classes(model: nn.Module) -> dict[str, int]:
@@ -91,14 +93,17 @@ def _other_block_classes(model: nn.Module) -> dict[str, int]:
     return dict(counts)
 
 
-def find_blocks(model: nn.Module, input_size: tuple[int, int, int]) -> Discovery:
-    """Every block of a registered family, in forward order, costed at ``input_size``."""
+def find_blocks(model: nn.Module, input_size: tuple[int, int, int], costed: bool = True) -> Discovery:
+    """Every block of a registered family, in forward order, costed at ``input_size``.
+
+    With ``costed=False`` MACs and params are left at 0 (fast: one forward pass).
+    """
     was_training = model.training
     model.eval()
     try:
         inputs = _record_inputs(model, input_size)
         modules = dict(model.named_modules())
-        specs = [_spec(name, modules[name], x) for name, x in inputs.items()]
+        specs = [_spec(name, modules[name], x, costed) for name, x in inputs.items()]
     finally:
         model.train(was_training)
     return Discovery(specs, tuple(input_size), _other_block_classes(model))

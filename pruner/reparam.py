@@ -39,12 +39,11 @@ def dense_weight(conv: nn.Conv2d) -> torch.Tensor:
     if conv.groups == 1:
         return w
     out_chs, in_per_group, kh, kw = w.shape
-    out_per_group = out_chs // conv.groups
+    rows = torch.arange(out_chs)
+    group = rows // (out_chs // conv.groups)
+    cols = group[:, None] * in_per_group + torch.arange(in_per_group)[None, :]
     dense = w.new_zeros(out_chs, in_per_group * conv.groups, kh, kw)
-    for g in range(conv.groups):
-        rows = slice(g * out_per_group, (g + 1) * out_per_group)
-        cols = slice(g * in_per_group, (g + 1) * in_per_group)
-        dense[rows, cols] = w[rows]
+    dense[rows[:, None], cols] = w
     return dense
 
 
