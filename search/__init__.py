@@ -1,0 +1,1 @@
+"""Supernet training and the Optuna search over pruning plans."""
