@@ -14,8 +14,6 @@ loads back into a model built from its plan.
 from __future__ import annotations
 
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from torch import nn
 from updp.errors import CheckpointError
 from updp.fileio import atomic_path
 from updp.pruner.models import create_model
+from updp.pruner.plan import progressive_blocks
 
 FORMS = ("original", "pruned", "merged")
 
@@ -37,6 +36,7 @@ class Checkpoint:
     pruned: list[str] = field(default_factory=list)
     form: str = "original"
     meta: dict = field(default_factory=dict)
+    lambdas: dict[str, float] = field(default_factory=dict)
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
@@ -46,6 +46,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
     state = {
         "updp_checkpoint": 1, "model": ckpt.model_name, "num_classes": ckpt.num_classes,
         "pruned": list(ckpt.pruned), "form": ckpt.form, "meta": ckpt.meta,
+        "lambdas": {n: b.lam for n, b in progressive_blocks(ckpt.model).items()},
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
@@ -59,9 +60,9 @@ def read_file(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint '{path}' is corrupted or not a torch file: {first}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"checkpoint '{path}' is corrupted or not a torch weights file ({detail})") from None
     if not isinstance(data, dict):
         raise CheckpointError(f"checkpoint '{path}' holds a {type(data).__name__}, not a dict of weights")
     return data
@@ -74,19 +75,25 @@ def is_updp_checkpoint(data: dict) -> bool:
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """Rebuild the model a ``save_checkpoint`` file describes and load its weights."""
     from updp.pruner.merge import merge_model
-    from updp.pruner.plan import apply_plan
+    from updp.pruner.plan import apply_plan, set_lambda
 
     data = read_file(path)
     if not is_updp_checkpoint(data):
         raise CheckpointError(f"'{path}' is not an updp checkpoint; pass it with --checkpoint next to a model name")
+    if data.get("form") not in FORMS or not isinstance(data.get("state_dict"), dict):
+        raise CheckpointError(f"checkpoint '{path}' is damaged: unknown form or no state_dict")
     model = create_model(data["model"], data["num_classes"])
     pruned = list(data.get("pruned", []))
+    lambdas = {n: float(v) for n, v in data.get("lambdas", {}).items()}
     if data["form"] != "original":
         apply_plan(model, pruned, lam=0.0)
     if data["form"] == "merged":
         model = merge_model(model)
+    else:
+        set_lambda(model, {n: lambdas.get(n, 0.0) for n in pruned})
     load_state(model, data["state_dict"], str(path))
-    return Checkpoint(model, data["model"], data["num_classes"], pruned, data["form"], data.get("meta", {}))
+    return Checkpoint(model.eval(), data["model"], data["num_classes"], pruned, data["form"],
+                      data.get("meta", {}), lambdas)
 
 
 def raw_state_dict(data: dict) -> dict:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from updp.pruner.cost import count_macs, count_params
-from updp.pruner.registry import family_for
+from updp.pruner.registry import family_for, qualified_name
 from updp.pruner.spec import BlockSpec
 
 
@@ -89,7 +89,7 @@ def _other_block_classes(model: nn.Module) -> dict[str, int]:
         if isinstance(module, (nn.Sequential, nn.ModuleList)):
             for child in module.children():
                 if family_for(child) is None and len(list(child.children())) >= 2:
-                    counts[type(child).__name__] += 1
+                    counts[qualified_name(type(child))] += 1
     return dict(counts)
 
 

@@ -34,19 +34,36 @@ class LoadedModel:
 
 
 def load_model(spec: str, checkpoint: str | None = None, num_classes: int | None = None) -> LoadedModel:
-    """A timm name or an updp checkpoint file, with optional weights from ``checkpoint``."""
+    """A timm name or an updp checkpoint file, with optional weights from ``checkpoint``.
+
+    With a ``checkpoint`` and no ``num_classes``, the class count is read from
+    the checkpoint's classifier, so a fine-tuned state_dict loads as is.
+    """
     if os.path.isfile(spec):
         ckpt = load_checkpoint(spec)
         if ckpt.form == "merged":
-            raise UpdpError(f"'{spec}' is already merged; pass the original or pruned checkpoint")
+            raise UpdpError(f"'{spec}' is a merged model with no prunable blocks left; "
+                            "use the original or pruned checkpoint it came from")
         return LoadedModel(ckpt.model, ckpt.model_name, ckpt.num_classes, ckpt.pruned)
-    model = create_model(spec, num_classes)
-    if checkpoint:
-        data = read_file(checkpoint)
-        if is_updp_checkpoint(data) and data["form"] != "original":
-            raise UpdpError(f"'{checkpoint}' holds a {data['form']} model; pass it as MODEL instead")
-        load_state(model, raw_state_dict(data), checkpoint)
+    if not checkpoint:
+        model = create_model(spec, num_classes)
+        return LoadedModel(model, spec, model.num_classes)
+    data = read_file(checkpoint)
+    if is_updp_checkpoint(data) and data["form"] != "original":
+        raise UpdpError(f"'{checkpoint}' holds a {data['form']} model; pass it as MODEL instead of --checkpoint"
+                        if data["form"] == "pruned" else
+                        f"'{checkpoint}' is a merged model with no prunable blocks left")
+    state = raw_state_dict(data)
+    model = create_model(spec, num_classes or _classes_in(spec, state))
+    load_state(model, state, checkpoint)
     return LoadedModel(model, spec, model.num_classes)
+
+
+def _classes_in(spec: str, state: dict) -> int | None:
+    """Number of classes of the classifier weights in ``state``, if they are there."""
+    head = (create_model(spec).pretrained_cfg or {}).get("classifier")
+    weight = state.get(f"{head}.weight") if isinstance(head, str) else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
 def validate_plan(discovery: Discovery, pruned: list[str], allow_costlier: bool = False) -> None:
@@ -77,9 +94,10 @@ def _onnx_check(merged: nn.Module, path: Path, input_size: tuple[int, int, int])
 
 
 def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, checkpoint: str | None = None,
-                     img_size: int | None = None, allow_costlier: bool = False) -> dict:
+                     img_size: int | None = None, allow_costlier: bool = False,
+                     num_classes: int | None = None) -> dict:
     """Merge ``pruned`` blocks of a model and write ``merged.pt``, ``merged.onnx`` and ``merge.json``."""
-    loaded = load_model(spec, checkpoint)
+    loaded = load_model(spec, checkpoint, num_classes)
     pruned = list(dict.fromkeys([*loaded.pruned, *pruned]))
     # A pruned checkpoint's own model has its blocks wrapped: cost the plain architecture.
     original = (create_model(loaded.name, loaded.num_classes) if loaded.pruned else loaded.model).eval()

@@ -30,15 +30,17 @@ def parse_plan(text: str) -> list[str]:
 
 
 def apply_plan(model: nn.Module, pruned: Iterable[str], lam: float = 1.0) -> nn.Module:
-    """Replace each named block of ``model`` (in place) by its progressive form."""
+    """Replace each named block of ``model`` (in place) by its progressive form at ``lam``.
+
+    Blocks that are progressive already keep their lambda.
+    """
     modules = dict(model.named_modules())
     for name in pruned:
         block = modules.get(name)
         if block is None:
             raise PlanError(f"block '{name}' is not in the model; list them with 'updp blocks MODEL'")
         if isinstance(block, ProgressiveBlock):
-            block.lam = lam
-            continue
+            continue  # already pruned: keep its (trained) lambda
         family = family_for(block)
         if family is None:
             raise PlanError(f"block '{name}' is a {type(block).__name__}, which no family supports; "

@@ -35,7 +35,12 @@ def family_for(module: "nn.Module") -> "BlockFamily | None":
 
 def supported_classes() -> list[str]:
     _load_builtin_families()
-    return sorted({f"{c.__name__} ({a.name})" for c, a in _FAMILIES.items()})
+    return sorted({f"{qualified_name(c)} ({a.name})" for c, a in _FAMILIES.items()})
+
+
+def qualified_name(cls: type) -> str:
+    """``resnet.BasicBlock``: timm reuses class names across model files."""
+    return f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
 
 
 def _load_builtin_families() -> None:

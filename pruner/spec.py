@@ -39,6 +39,8 @@ class BlockSpec:
 
     def as_dict(self) -> dict:
         d = asdict(self)
+        if not self.supported:  # no merged form: no merged cost (0 would read as "free")
+            d["merged_macs"] = d["merged_params"] = None
         d["supported"] = self.supported
         d["worthwhile"] = self.worthwhile
         return d

@@ -97,8 +97,6 @@ def test_merged_checkpoint_matches_the_pruned_subnet(tmp_path: Path, x: torch.Te
     torch.testing.assert_close(outputs(merged, x), outputs(subnet, x), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="library bug: lambda is not stored; a pruned checkpoint reloads at lambda 0")
 def test_pruned_checkpoint_keeps_its_lambda(tmp_path: Path, x: torch.Tensor):
     model = apply_plan(_original(), PLAN, lam=0.5)
     save_checkpoint(tmp_path / "model.pt", Checkpoint(model, MODEL, NUM_CLASSES, PLAN, "pruned"))
@@ -141,8 +139,6 @@ def test_random_bytes_file_raises(tmp_path: Path, seed: int):
     one_line_error(excinfo, str(bad), "corrupted")
 
 
-@pytest.mark.xfail(strict=True, raises=(IndexError, struct.error),
-                   reason="library bug: read_file lets IndexError / struct.error from torch.load escape")
 @pytest.mark.parametrize("blob", [b"e", b"j", random.Random(2).randbytes(4096)], ids=["e", "j", "seed2"])
 def test_pickle_opcode_garbage_raises(tmp_path: Path, blob: bytes):
     bad = tmp_path / "noise.pt"

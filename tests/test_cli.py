@@ -268,7 +268,7 @@ def test_user_errors_are_one_line(capsys, tmp_path: Path, bad_files: dict[str, P
 
 def test_merged_checkpoint_cannot_be_merged_again(capsys, tmp_path: Path, merged):
     code, _, err = cli(capsys, "merge", str(merged[0] / "merged.pt"), "--out", str(tmp_path / "again"))
-    assert_user_error(code, err, "already merged")
+    assert_user_error(code, err, "merged model with no prunable blocks left")
 
 
 def test_console_script_user_error(tmp_path: Path):
@@ -289,10 +289,51 @@ def test_debug_raises_instead_of_printing(capsys):
         main(["--debug", "blocks", "nosuchmodel"])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="library bug: torch.load's IndexError on a garbage file escapes as an internal error")
 def test_garbage_checkpoint_is_a_user_error(capsys, tmp_path: Path):
     bad = tmp_path / "garbage.pt"
     bad.write_bytes(b"e")
     code, _, err = cli(capsys, "blocks", "test_convnext", "--checkpoint", str(bad))
     assert_user_error(code, err, "corrupted")
+
+
+def test_fine_tuned_state_dict_loads_without_num_classes(capsys, tmp_path: Path):
+    ckpt = tmp_path / "ten.pt"
+    torch.save(create_model(MODEL, 10).state_dict(), ckpt)
+    code, out, err = cli(capsys, "blocks", MODEL, "--img-size", "64", "--checkpoint", str(ckpt), "--format", "json")
+    assert code == 0, err
+    report = run_merge(*MERGE, "--plan", PLAN[0], "--checkpoint", str(ckpt), "--out", str(tmp_path / "m"))
+    assert load_checkpoint(tmp_path / "m" / "merged.pt").num_classes == 10 and report["pruned"] == [PLAN[0]]
+
+
+def test_blocks_of_a_pruned_checkpoint_marks_the_pruned_blocks(capsys, tmp_path: Path):
+    from updp.pruner import Checkpoint, apply_plan, save_checkpoint
+
+    model = apply_plan(create_model(MODEL), PLAN, lam=0.0)
+    save_checkpoint(tmp_path / "p.pt", Checkpoint(model, MODEL, 1000, PLAN, "pruned"))
+    code, out, _ = cli(capsys, "blocks", str(tmp_path / "p.pt"), "--img-size", "64", "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and [r["name"] for r in rows] == ATTO_BLOCKS
+    assert sorted(r["name"] for r in rows if r["pruned"]) == sorted(PLAN)
+
+
+def test_merge_refuses_a_checkpoint_mid_fade(capsys, tmp_path: Path):
+    from updp.pruner import Checkpoint, apply_plan, save_checkpoint
+
+    model = apply_plan(create_model(MODEL), PLAN, lam=0.5)
+    save_checkpoint(tmp_path / "p.pt", Checkpoint(model, MODEL, 1000, PLAN, "pruned"))
+    code, _, err = cli(capsys, "merge", str(tmp_path / "p.pt"), "--img-size", "64", "--out", str(tmp_path / "o"))
+    assert_user_error(code, err, "lambda 0.5")
+
+
+@pytest.mark.parametrize("fmt", ["json", "csv", "table"])
+def test_no_supported_block_is_an_error_in_every_format(capsys, fmt: str):
+    code, _, err = cli(capsys, "blocks", "test_byobnet", "--format", fmt)
+    assert_user_error(code, err, "no block of a supported family", "byobnet.BasicBlock", "resnet.BasicBlock")
+
+
+def test_output_files_get_the_usual_mode(merged):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("merged.pt", "merged.onnx", "merge.json"):
+        assert (merged[0] / name).stat().st_mode & 0o777 == 0o666 & ~umask

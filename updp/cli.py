@@ -27,23 +27,25 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
     from updp.pruner.discovery import find_blocks
     from updp.pruner.export import load_model
-    from updp.pruner.models import default_input_size
+    from updp.pruner.models import create_model, default_input_size
     from updp.pruner.registry import supported_classes
 
-    loaded = load_model(args.model, args.checkpoint)
-    size = default_input_size(loaded.model, args.img_size)
-    found = find_blocks(loaded.model, size)
-    rows = [b.as_dict() for b in found.blocks]
+    loaded = load_model(args.model, args.checkpoint, args.num_classes)
+    # A pruned checkpoint's blocks are wrapped already: list the plain architecture's.
+    model = create_model(loaded.name, loaded.num_classes) if loaded.pruned else loaded.model
+    size = default_input_size(model, args.img_size)
+    found = find_blocks(model, size)
+    if not found.blocks:
+        others = ", ".join(f"{k} x{v}" for k, v in found.other_block_classes.items()) or "none found"
+        raise UpdpError(f"{loaded.name} has no block of a supported family (its blocks: {others}); "
+                        f"supported: {', '.join(supported_classes())}")
+    rows = [dict(b.as_dict(), pruned=b.name in loaded.pruned) for b in found.blocks]
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
     if args.format == "csv":
         print(pd.DataFrame(rows).to_csv(index=False), end="")
         return 0
-    if not rows:
-        others = ", ".join(f"{k} x{v}" for k, v in found.other_block_classes.items()) or "none found"
-        raise UpdpError(f"{loaded.name} has no block of a supported family (its blocks: {others}); "
-                        f"supported: {', '.join(supported_classes())}")
     table = pd.DataFrame([{
         "name": b.name, "stage": b.stage, "family": b.family, "in": b.in_chs, "out": b.out_chs,
         "stride": b.stride, "MACs": _fmt_count(b.macs), "merged MACs": _fmt_count(b.merged_macs) if b.supported else "-",
@@ -56,6 +58,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     for reason in sorted({b.reason for b in found.blocks if b.reason}):
         names = [b.name for b in found.blocks if b.reason == reason]
         print(f"unsupported ({len(names)}): {reason}")
+    if loaded.pruned:
+        print(f"already pruned in this checkpoint ({len(loaded.pruned)}): {', '.join(loaded.pruned)}")
     return 0
 
 
@@ -64,7 +68,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from updp.pruner.plan import parse_plan
 
     report = merge_and_export(args.model, parse_plan(args.plan) if args.plan else [], args.out,
-                              args.checkpoint, args.img_size, args.allow_costlier)
+                              args.checkpoint, args.img_size, args.allow_costlier, args.num_classes)
     if args.format == "json":
         print(json.dumps(report, indent=2))
         return 0
@@ -84,6 +88,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="timm model name (e.g. convnext_atto) or an updp checkpoint file")
     p.add_argument("--checkpoint", metavar="FILE",
                    help="weights for MODEL: a plain/timm state_dict or an updp checkpoint (random weights if omitted)")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="classifier size (default: read from --checkpoint, else the model's own)")
     p.add_argument("--img-size", type=int, metavar="PX", help="square input size (default: the model's own)")
 
 
