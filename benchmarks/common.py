@@ -24,6 +24,7 @@ def write_results(name: str, df: pd.DataFrame, title: str, notes: str = "") -> N
     RESULTS.mkdir(exist_ok=True)
     df.to_csv(RESULTS / f"{name}.csv", index=False)
     ctx = "\n".join(f"- {k}: {v}" for k, v in context().items())
-    md = f"# {title}\n\n{notes}\n\n{df.to_markdown(index=False, floatfmt='.4g')}\n\nContext:\n{ctx}\n"
+    table = df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt='.4g', missingval='-')
+    md = f"# {title}\n\n{notes}\n\n{table}\n\nContext:\n{ctx}\n"
     (RESULTS / f"{name}.md").write_text(md)
     print(md)

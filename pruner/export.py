@@ -93,6 +93,14 @@ def _onnx_check(merged: nn.Module, path: Path, input_size: tuple[int, int, int])
     return float(np.abs(got - want).max())
 
 
+def _merge_errors(subnet: nn.Module, input_size: tuple[int, int, int]) -> dict:
+    out = {}
+    for tag, dtype in (("fp32", torch.float32), ("fp64", torch.float64)):
+        err = merge_error(subnet, input_size, dtype)
+        out[f"max_abs_diff_{tag}"], out[f"output_scale_{tag}"] = err.max_abs_diff, err.output_scale
+    return out
+
+
 def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, checkpoint: str | None = None,
                      img_size: int | None = None, allow_costlier: bool = False,
                      num_classes: int | None = None) -> dict:
@@ -115,8 +123,7 @@ def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, c
         "model": loaded.name, "pruned": pruned, "input_size": list(input_size),
         "params_before": count_params(original), "params_after": count_params(merged),
         "macs_before": count_macs(original, x), "macs_after": count_macs(merged, x),
-        "max_abs_diff_fp32": merge_error(subnet, input_size, torch.float32),
-        "max_abs_diff_fp64": merge_error(subnet, input_size, torch.float64),
+        **_merge_errors(subnet, input_size),
         "onnx_max_abs_diff": _onnx_check(merged, out / "merged.onnx", input_size),
         "context": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                     "device": "cpu", "diff_inputs": "random normal, batch 2, BN statistics randomized"},
