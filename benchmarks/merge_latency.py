@@ -21,7 +21,7 @@ from updp.pruner.cost import count_macs, count_params
 
 PLANS = {"convnext_tiny": ["stages.2.blocks.1", "stages.2.blocks.4", "stages.2.blocks.7"],
          "mobilenetv2_100": ["blocks.2.1", "blocks.3.1", "blocks.3.2"]}
-RUNS, ROUNDS, WARMUP = 20, 3, 10  # 60 timed runs per model and backend
+RUNS, ROUNDS, WARMUP = 40, 5, 20  # 200 timed runs per model and backend
 
 
 def _runners(model: torch.nn.Module, onnx_path: Path, x: torch.Tensor) -> dict:
