@@ -20,6 +20,7 @@ MODELS = [("convnext_atto", "convnext", 65), ("test_convnext", "convnext", 65),
 def main() -> None:
     rows = []
     for name, family, size in MODELS:
+        torch.manual_seed(0)
         model = create_model(name).eval()
         blocks = [b.name for b in find_blocks(model, (3, size, size), costed=False).prunable if b.family == family]
         subnet = apply_plan(model, blocks, lam=0.0).eval()
