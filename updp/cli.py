@@ -121,12 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also merge blocks whose merged form costs more MACs than the original")
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_merge)
+
+    from updp import cli_latency
+    cli_latency.register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from updp.cli_latency import rewrite_argv
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rewrite_argv(list(sys.argv[1:] if argv is None else argv)))
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

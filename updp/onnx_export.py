@@ -1,6 +1,7 @@
 """ONNX export and an ONNX Runtime check, shared by the pruner and the latency backends."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -20,8 +21,13 @@ class ExportError(UpdpError):
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.PathLike,
-                dynamic_batch: bool = False) -> Path:
-    """Export ``model`` (eval mode, float32) for one input of ``input_shape``; written atomically."""
+                dynamic_batch: bool = False, half: bool = False) -> Path:
+    """Export ``model`` in eval mode for one input of ``input_shape``; written atomically.
+
+    With ``half`` the graph itself is float16 (inputs, weights, outputs): the
+    way to give strongly typed TensorRT (11.x) its precision.
+    """
+    model = copy.deepcopy(model).half() if half else model
     model = model.eval()
     param = next(model.parameters())
     x = torch.zeros(*input_shape, dtype=param.dtype, device=param.device)

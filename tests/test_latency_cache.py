@@ -1,0 +1,126 @@
+"""The persistent latency cache, its corruption handling, and PlanTimer on top of it."""
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from updp.latency.base import MeasureConfig
+from updp.latency.cache import CacheKey, LatencyCache
+from updp.latency.result import failure, summarize
+from updp.plan_latency import PlanTimer
+
+KEY = CacheKey("plan1", "convnext_atto", (3, 64, 64), 1, "fp32", "onnxruntime", "cpu", (("onnxruntime", "1"),))
+FAST = MeasureConfig(warmup_runs=2, warmup_ms=0, min_runs=10, min_time_s=0.05, threads=2)
+
+
+def _result(median: float = 2.0):
+    return summarize([median - 1, median, median + 1], backend="onnxruntime", precision="fp32", batch_size=1,
+                     input_shape=(3, 64, 64), context={"device": "cpu"})
+
+
+def test_round_trip_marks_cached(tmp_path):
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    assert cache.get(KEY) is None
+    cache.put(KEY, _result())
+    hit = LatencyCache(tmp_path / "c.sqlite").get(KEY)  # a new process would see the same
+    assert hit.cached and hit.median_ms == 2.0 and hit.context == {"device": "cpu"}
+    assert len(cache) == 1
+
+
+@pytest.mark.parametrize("field,value", [("plan_key", "plan2"), ("model", "convnext_tiny"),
+                                         ("input_shape", (3, 96, 96)), ("batch_size", 8), ("precision", "fp16"),
+                                         ("backend", "torch"), ("device", "gpu"),
+                                         ("versions", (("onnxruntime", "2"),))])
+def test_every_key_field_matters(tmp_path, field, value):
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    cache.put(KEY, _result())
+    assert cache.get(dataclasses.replace(KEY, **{field: value})) is None
+
+
+def test_failures_are_not_cached(tmp_path):
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    cache.put(KEY, failure("engine build failed", backend="x", precision="fp32", batch_size=1, input_shape=(3,)))
+    assert len(cache) == 0
+
+
+def test_corrupted_entry_is_dropped_and_remeasured(tmp_path):
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    cache.put(KEY, _result())
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        db.execute("UPDATE latency SET payload = replace(payload, '2.0', '9.0')")
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert cache.get(KEY) is None
+    assert len(cache) == 0
+    cache.put(KEY, _result(3.0))
+    assert cache.get(KEY).median_ms == 3.0
+
+
+def test_unparseable_entry_with_valid_checksum_is_dropped(tmp_path):
+    import hashlib
+
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    cache.put(KEY, _result())
+    bad = '{"not": "a record"}'
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:
+        db.execute("UPDATE latency SET payload = ?, checksum = ?", (bad, hashlib.sha256(bad.encode()).hexdigest()))
+    with pytest.warns(UserWarning, match="corrupted"):
+        assert cache.get(KEY) is None
+
+
+def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path):
+    path = tmp_path / "c.sqlite"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.warns(UserWarning, match="moved to"):
+        cache = LatencyCache(path)
+    cache.put(KEY, _result())
+    assert cache.get(KEY).median_ms == 2.0
+    assert len(list(tmp_path.glob("c.sqlite.corrupt-*"))) == 1
+
+
+def test_concurrent_writers_lose_nothing(tmp_path):
+    code = ("import sys; from updp.latency.cache import CacheKey, LatencyCache; from updp.latency.result import "
+            "summarize\nc = LatencyCache(sys.argv[1])\nfor i in range(25):\n    k = CacheKey(f'{sys.argv[2]}-{i}',"
+            " 'm', (3,), 1, 'fp32', 'b', 'd')\n    c.put(k, summarize([1.0], backend='b', precision='fp32', "
+            "batch_size=1, input_shape=(3,)))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "c.sqlite"), f"w{w}"]) for w in range(3)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert len(LatencyCache(tmp_path / "c.sqlite")) == 75
+
+
+def test_find_returns_the_matching_record(tmp_path):
+    cache = LatencyCache(tmp_path / "c.sqlite")
+    cache.put(KEY, _result())
+    assert cache.find(plan_key="plan1", model="convnext_atto", input_shape=(3, 64, 64)).median_ms == 2.0
+    assert cache.find(plan_key="plan1", backend="tensorrt") is None
+
+
+def test_plan_timer_second_request_is_free(tmp_path):
+    timer = PlanTimer("test_convnext", "onnxruntime", FAST, LatencyCache(tmp_path / "c.sqlite"), img_size=64)
+    plan = ["stages.2.blocks.1"]
+    first = timer.measure(plan)
+    t0 = time.perf_counter()
+    second = timer.measure(plan)
+    assert first.ok and not first.cached and second.cached
+    assert second.median_ms == first.median_ms and time.perf_counter() - t0 < 0.5
+    assert not timer.measure([]).cached  # another plan is another key
+
+
+def test_plan_timer_keys_differ_by_plan_threads_and_batch(tmp_path):
+    a = PlanTimer("test_convnext", "onnxruntime", FAST, None, img_size=64)
+    b = PlanTimer("test_convnext", "onnxruntime", dataclasses.replace(FAST, threads=1), None, img_size=64)
+    c = PlanTimer("test_convnext", "onnxruntime", dataclasses.replace(FAST, batch_size=4), None, img_size=64)
+    keys = {a.key([]).digest, a.key(["stages.2.blocks.1"]).digest, b.key([]).digest, c.key([]).digest}
+    assert len(keys) == 4
+
+
+def test_plan_timer_merged_plan_is_timed_on_the_merged_model():
+    timer = PlanTimer("test_convnext", "onnxruntime", FAST, None, img_size=64)
+    all_blocks = ["stages.1.blocks.0", "stages.1.blocks.1", "stages.2.blocks.0", "stages.2.blocks.1",
+                  "stages.2.blocks.2", "stages.2.blocks.3", "stages.3.blocks.0", "stages.3.blocks.1"]
+    base, merged = timer.measure([]), timer.measure(all_blocks)
+    assert base.ok and merged.ok and merged.median_ms < base.median_ms

@@ -1,0 +1,230 @@
+"""``updp latency``: measure, import trtexec results, per-block table, calibration."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from updp.errors import UpdpError
+
+SUBCOMMANDS = ("measure", "import", "table", "calibrate")
+
+
+def _add_measure_args(p: argparse.ArgumentParser) -> None:
+    from updp.latency.backends import NAMES
+
+    p.add_argument("model", metavar="MODEL", help="timm model name")
+    p.add_argument("--backend", choices=NAMES, default="auto",
+                   help="auto = tensorrt on a GPU with TensorRT installed, else onnxruntime (default: auto)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--img-size", type=int, metavar="PX", help="square input size (default: the model's own)")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    p.add_argument("--num-classes", type=int, metavar="N")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU threads for onnxruntime/torch (default: all)")
+    p.add_argument("--runs", type=int, default=50, metavar="N", help="at least N timed runs (default 50)")
+    p.add_argument("--min-time", type=float, default=1.0, metavar="S", help="and at least S seconds (default 1)")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="time limit per measurement")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="device for onnxruntime/torch (default: CPU / torch's)")
+    p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache reused across builds")
+    p.add_argument("--compile", action="store_true", help="torch backend: time torch.compile(model)")
+    p.add_argument("--isolate", action="store_true",
+                   help="time ONNX backends in a child process killed at --timeout (hard limit)")
+    _add_cache_args(p)
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", metavar="FILE", help="latency cache (default: $UPDP_CACHE_DIR or ~/.cache/updp)")
+    p.add_argument("--no-cache", action="store_true", help="measure again, store nothing")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("latency", help="measure latency; import trtexec results; per-block latency table",
+                       description="Latency of a model or of a merged pruning plan. 'updp latency MODEL' is "
+                                   "short for 'updp latency measure MODEL'.")
+    lsub = p.add_subparsers(dest="latency_command", metavar="SUBCOMMAND")
+
+    m = lsub.add_parser("measure", help="time a model or merged plan (the default)",
+                        description="Time MODEL (merged with --plan) on a backend: median, mean, p90, p99 and "
+                                    "count, with the device, versions, threads, precision, batch and shape.")
+    _add_measure_args(m)
+    m.add_argument("--plan", metavar="PLAN", help="blocks to prune and merge (names or a JSON file)")
+    m.add_argument("--format", choices=["text", "json"], default="text")
+    m.set_defaults(func=cmd_measure)
+
+    i = lsub.add_parser("import", help="store a trtexec measurement in the cache",
+                        description="Parse a trtexec log or --exportTimes JSON and store it (median = GPU "
+                                    "Compute Time median) under backend 'trtexec', so a target that only runs "
+                                    "trtexec can still drive a search.")
+    i.add_argument("file", metavar="FILE", help="trtexec text log, --exportTimes JSON or trex metadata JSON")
+    i.add_argument("--model", required=True, metavar="MODEL", help="timm model name the engine was built from")
+    i.add_argument("--plan", metavar="PLAN", help="the plan the engine was built from (default: unpruned)")
+    i.add_argument("--batch-size", type=int, help="override the batch parsed from the log")
+    i.add_argument("--img-size", type=int, metavar="PX", help="override the input size parsed from the log")
+    i.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="override the parsed precision")
+    i.add_argument("--device", metavar="NAME", help="device name when the file has none (exportTimes JSON)")
+    i.add_argument("--format", choices=["text", "json"], default="text")
+    _add_cache_args(i)
+    i.set_defaults(func=cmd_import)
+
+    t = lsub.add_parser("table", help="per-block latency table (latency saved by merging each block alone)",
+                        description="Measure the baseline and each worthwhile block merged alone; a plan is "
+                                    "then predicted as baseline minus the sum of its blocks' savings.")
+    _add_measure_args(t)
+    t.add_argument("--out", metavar="FILE", help="where to write the table JSON (default: latency_table_MODEL.json)")
+    t.set_defaults(func=cmd_table)
+
+    c = lsub.add_parser("calibrate", help="error of the per-block table against measurement on random plans")
+    _add_measure_args(c)
+    c.add_argument("--table", metavar="FILE", required=True, help="table JSON from 'updp latency table'")
+    c.add_argument("--plans", type=int, default=30, metavar="N", help="random plans to measure (default 30)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--out", metavar="FILE", help="CSV of predicted vs measured per plan")
+    c.set_defaults(func=cmd_calibrate)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """``updp latency MODEL ...`` means ``updp latency measure MODEL ...``."""
+    for i, arg in enumerate(argv):
+        if arg == "latency":
+            rest = argv[i + 1:]
+            if rest and rest[0] not in (*SUBCOMMANDS, "-h", "--help"):
+                return [*argv[:i + 1], "measure", *rest]
+            break
+        if not arg.startswith("-"):
+            break
+    return argv
+
+
+def _cache(args: argparse.Namespace):
+    from updp.latency.cache import LatencyCache
+
+    return None if args.no_cache else LatencyCache(args.cache)
+
+
+def _timer(args: argparse.Namespace):
+    from updp.latency.base import MeasureConfig
+    from updp.plan_latency import PlanTimer
+
+    cfg = MeasureConfig(batch_size=args.batch_size, precision=args.precision, min_runs=args.runs,
+                        min_time_s=args.min_time, timeout_s=args.timeout, threads=args.threads)
+    options = {}
+    if args.backend in ("onnxruntime", "torch") and args.device:
+        options["device"] = args.device
+    if args.backend in ("tensorrt", "auto") and args.timing_cache:
+        options["timing_cache"] = args.timing_cache
+    if args.backend == "torch" and args.compile:
+        options["compile"] = True
+    timer = PlanTimer(args.model, args.backend, cfg, _cache(args), args.num_classes, args.img_size,
+                      isolate=args.isolate, **options)
+    if args.backend == "auto":
+        print(f"updp: backend 'auto' picked {timer.backend.name}", file=sys.stderr, flush=True)
+    return timer
+
+
+def _fmt_result(r) -> str:
+    if not r.ok:
+        return f"FAILED: {r.error}"
+    p90 = "n/a" if math.isnan(r.p90_ms) else f"{r.p90_ms:.4f}"
+    lines = [f"median {r.median_ms:.4f} ms  mean {r.mean_ms:.4f}  p90 {p90}  p99 {r.p99_ms:.4f}  "
+             f"count {r.count}{'  (cached)' if r.cached else ''}",
+             f"backend {r.backend} ({r.source}), precision {r.precision}, batch {r.batch_size}, "
+             f"input {'x'.join(map(str, r.input_shape))}"]
+    lines += [f"  {k}: {v}" for k, v in r.context.items() if v is not None]
+    return "\n".join(lines)
+
+
+def _emit(result, fmt: str, **extra) -> int:
+    if fmt == "json":
+        print(json.dumps({**result.as_dict(), **extra}, indent=2, default=str))
+    else:
+        print(_fmt_result(result))
+    return 0 if result.ok else 1
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from updp.pruner.plan import parse_plan
+
+    timer = _timer(args)
+    pruned = parse_plan(args.plan) if args.plan else []
+    return _emit(timer.measure(pruned), args.format, model=args.model, pruned=sorted(pruned))
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from updp.latency.cache import CacheKey, LatencyCache
+    from updp.latency.trtexec import parse_file
+    from updp.pruner import PruningPlan, create_model, default_input_size
+    from updp.pruner.plan import parse_plan
+
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("precision", args.precision)) if v}
+    if args.img_size:
+        overrides["input_shape"] = (3, args.img_size, args.img_size)
+    result = parse_file(args.file, **overrides)
+    if not result.input_shape:  # not in the file: the model's own input size
+        shape = default_input_size(create_model(args.model), args.img_size)
+        result = _replace(result, input_shape=tuple(shape))
+    device = args.device or result.context.get("device")
+    if not device:
+        raise UpdpError(f"'{args.file}' names no device; pass --device NAME")
+    result = _replace(result, context={**result.context, "device": device})
+    pruned = frozenset(parse_plan(args.plan)) if args.plan else frozenset()
+    version = str(result.context.get("tensorrt_version", "unknown"))
+    key = CacheKey(PruningPlan(args.model, pruned).key, args.model, tuple(result.input_shape), result.batch_size,
+                   result.precision, "trtexec", device, (("tensorrt", version),))
+    if not args.no_cache:
+        LatencyCache(args.cache).put(key, result)
+    return _emit(result, args.format, model=args.model, pruned=sorted(pruned), plan_key=key.plan_key)
+
+
+def _replace(result, **changes):
+    import dataclasses
+
+    return dataclasses.replace(result, **changes)
+
+
+def _blocks(model: str, img_size: int | None, num_classes: int | None) -> list[str]:
+    from updp.pruner import create_model, default_input_size, find_blocks
+
+    base = create_model(model, num_classes)
+    blocks = [b.name for b in find_blocks(base, default_input_size(base, img_size)).worthwhile]
+    if not blocks:
+        raise UpdpError(f"{model} has no block worth pruning; see 'updp blocks {model}'")
+    return blocks
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from updp.latency.table import build_table
+
+    timer = _timer(args)
+    blocks = _blocks(args.model, args.img_size, args.num_classes)
+    table = build_table(timer.measure, blocks, progress=lambda it: tqdm(it, desc="blocks", unit="block"))
+    out = Path(args.out or f"latency_table_{args.model}.json")
+    table.save(out)
+    print(f"baseline {table.baseline_ms:.4f} ms ({timer.backend.name}, {timer.device}); saved by merging each alone:")
+    print(table.frame().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from updp.fileio import atomic_path
+    from updp.latency.table import LatencyTable, calibrate, error_summary, random_plans
+
+    table = LatencyTable.load(args.table)
+    timer = _timer(args)
+    plans = random_plans(list(table.saved_ms), args.plans, args.seed)
+    df = calibrate(table, timer.measure, plans, progress=lambda it: tqdm(it, desc="plans", unit="plan"))
+    if args.out:
+        with atomic_path(args.out) as tmp:
+            df.to_csv(tmp, index=False)
+    summary = error_summary(df)
+    print(f"per-block table vs measurement on {summary['plans']} random plans ({timer.backend.name}): "
+          f"median APE {summary['median_ape_pct']:.2f} %, p95 {summary['p95_ape_pct']:.2f} %, "
+          f"max {summary['max_ape_pct']:.2f} %")
+    return 0

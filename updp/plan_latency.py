@@ -1,0 +1,75 @@
+"""Latency of pruning plans: merge the plan, time it on a backend, through the cache.
+
+This is where the pruner and the latency subsystem meet; ``updp.latency``
+itself only ever sees an ``nn.Module`` and an opaque plan key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from updp import __version__
+from updp.latency.backends import resolve_backend
+from updp.latency.base import MeasureConfig
+from updp.latency.cache import CacheKey, LatencyCache
+from updp.errors import UpdpError
+from updp.latency.isolate import measure_isolated
+from updp.latency.result import LatencyResult, failure
+from updp.onnx_export import export_onnx
+from updp.pruner import PruningPlan, create_model, default_input_size, merge_model
+
+
+class PlanTimer:
+    """Times merged plans of one model on one backend, reusing cached figures."""
+
+    def __init__(self, model_name: str, backend: str = "auto", cfg: MeasureConfig | None = None,
+                 cache: LatencyCache | None = None, num_classes: int | None = None, img_size: int | None = None,
+                 isolate: bool = False, **backend_options):
+        self.model_name = model_name
+        self.base = create_model(model_name, num_classes).eval()
+        shape = default_input_size(self.base, img_size)
+        self.cfg = dataclasses.replace(cfg or MeasureConfig(), input_shape=shape)
+        self.backend = resolve_backend(backend, **backend_options)
+        self.cache = cache
+        self.isolate = isolate and self.backend.needs_onnx
+        self.backend_options = backend_options
+        self.device, versions = self.backend.identity()
+        extra = {("updp", __version__), ("torch_export", _torch_version()), ("threads", str(self.cfg.threads))}
+        self.versions = tuple(sorted({*versions, *extra}))
+
+    def key(self, pruned: Iterable[str]) -> CacheKey:
+        plan = PruningPlan(self.model_name, frozenset(pruned))
+        return CacheKey(plan.key, self.model_name, tuple(self.cfg.input_shape), self.cfg.batch_size,
+                        self.cfg.precision, self.backend.name, self.device, self.versions)
+
+    def measure(self, pruned: Iterable[str] = ()) -> LatencyResult:
+        pruned = frozenset(pruned)
+        key = self.key(pruned)
+        if self.cache is not None and (hit := self.cache.get(key)) is not None:
+            return hit
+        model = merge_model(self.base, sorted(pruned)) if pruned else self.base
+        result = self._isolated(model) if self.isolate else self.backend.measure(model, self.cfg)
+        if self.cache is not None:
+            self.cache.put(key, result)
+        return result
+
+    __call__ = measure
+
+    def _isolated(self, model) -> LatencyResult:
+        """Export here, time in a child process that is killed at the time limit."""
+        with tempfile.TemporaryDirectory(prefix="updp-onnx-") as tmp:
+            half = self.cfg.precision == "fp16" and self.backend.wants_half_onnx()
+            try:
+                path = export_onnx(model, self.cfg.full_shape, Path(tmp) / "model.onnx", half=half)
+            except UpdpError as e:
+                return failure(str(e), backend=self.backend.name, precision=self.cfg.precision,
+                               batch_size=self.cfg.batch_size, input_shape=tuple(self.cfg.input_shape))
+            return measure_isolated(self.backend.name, path, self.cfg, **self.backend_options)
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
