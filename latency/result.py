@@ -50,7 +50,11 @@ class LatencyResult:
 
 
 def percentile(sorted_ms: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (the convention trtexec reports)."""
+    """Nearest-rank percentile.
+
+    trtexec uses the same rank in exact arithmetic; its float32 arithmetic picks
+    the next rank at p99 when the count is a multiple of 100.
+    """
     if not sorted_ms:
         return math.nan
     rank = max(1, math.ceil(q / 100.0 * len(sorted_ms)))
