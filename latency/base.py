@@ -131,6 +131,7 @@ class LatencyBackend(abc.ABC):
             self.release()
 
     def _prepare(self, target: Any, cfg: MeasureConfig, folder: Path) -> Any:
+        folder.mkdir(parents=True, exist_ok=True)
         if isinstance(target, (str, Path)):
             if not Path(target).is_file():
                 raise UpdpError(f"ONNX file '{target}' does not exist")

@@ -1,8 +1,10 @@
 """Per-block latency table: predict a plan's latency from single-block savings.
 
-``saved[b] = latency(baseline) - latency(only b merged)``; a plan is
-predicted as ``baseline - sum(saved[b] for b in plan)``. ``calibrate``
-measures random plans and reports the prediction's error.
+The baseline and every block merged alone are timed in one interleaved pass
+(see ``interleave``), so each saving is a ratio to a baseline measured in the
+same moments: ``frac[b] = 1 - t(b merged) / t(baseline)``. A plan is predicted
+as ``baseline * (1 - sum(frac[b] for b in plan))``. ``calibrate`` times random
+plans, again interleaved with the baseline, and reports the prediction error.
 """
 from __future__ import annotations
 
@@ -18,21 +20,28 @@ from updp.errors import UpdpError
 from updp.fileio import write_json
 from updp.latency.result import LatencyResult
 
-Measure = Callable[[frozenset[str]], LatencyResult]
+MeasureMany = Callable[[Sequence[frozenset[str]]], list[LatencyResult]]
 
 
 @dataclass
 class LatencyTable:
     baseline_ms: float
-    saved_ms: dict[str, float]
+    saved_frac: dict[str, float]
     context: dict = field(default_factory=dict)
 
-    def predict(self, pruned: Iterable[str]) -> float:
+    @property
+    def saved_ms(self) -> dict[str, float]:
+        return {b: f * self.baseline_ms for b, f in self.saved_frac.items()}
+
+    def predicted_ratio(self, pruned: Iterable[str]) -> float:
         pruned = list(pruned)
-        unknown = [b for b in pruned if b not in self.saved_ms]
+        unknown = [b for b in pruned if b not in self.saved_frac]
         if unknown:
             raise UpdpError(f"the latency table has no entry for {', '.join(unknown)}; rebuild it")
-        return self.baseline_ms - sum(self.saved_ms[b] for b in pruned)
+        return 1.0 - sum(self.saved_frac[b] for b in pruned)
+
+    def predict(self, pruned: Iterable[str]) -> float:
+        return self.baseline_ms * self.predicted_ratio(pruned)
 
     def save(self, path: str | os.PathLike) -> None:
         write_json(path, asdict(self))
@@ -46,26 +55,31 @@ class LatencyTable:
             raise UpdpError(f"cannot read latency table '{path}': {e}") from None
 
     def frame(self) -> pd.DataFrame:
-        rows = [{"block": b, "saved_ms": s, "saved_pct": 100 * s / self.baseline_ms} for b, s in self.saved_ms.items()]
-        return pd.DataFrame(rows)
+        return pd.DataFrame([{"block": b, "saved_ms": f * self.baseline_ms, "saved_pct": 100 * f}
+                             for b, f in self.saved_frac.items()])
 
 
-def _checked(result: LatencyResult, what: str) -> float:
-    if not result.ok:
-        raise UpdpError(f"latency of {what} could not be measured: {result.error}")
-    return result.median_ms
+def ratio(result: LatencyResult, reference: LatencyResult) -> float:
+    """``result / reference``: per-round ratios when both come from one interleaved pass."""
+    from updp.latency.interleave import relative_to
+
+    for r, what in ((reference, "the baseline"), (result, "a plan")):
+        if not r.ok:
+            raise UpdpError(f"latency of {what} could not be measured: {r.error}")
+    if "round_medians_ms" in result.context and "round_medians_ms" in reference.context:
+        return relative_to(result, reference)
+    return result.median_ms / reference.median_ms
 
 
-def build_table(measure: Measure, blocks: Sequence[str], progress: Callable | None = None) -> LatencyTable:
-    """Measure the baseline and each block merged alone."""
-    base = measure(frozenset())
-    baseline = _checked(base, "the baseline")
-    saved = {}
-    for block in (progress(blocks) if progress else blocks):
-        saved[block] = baseline - _checked(measure(frozenset([block])), f"block {block}")
+def build_table(measure_many: MeasureMany, blocks: Sequence[str]) -> LatencyTable:
+    """Time the baseline and each block merged alone, in one pass."""
+    results = measure_many([frozenset(), *(frozenset([b]) for b in blocks)])
+    base = results[0]
+    frac = {b: 1.0 - ratio(r, base) for b, r in zip(blocks, results[1:])}
     ctx = {**base.context, "backend": base.backend, "precision": base.precision, "batch_size": base.batch_size,
            "input_shape": list(base.input_shape)}
-    return LatencyTable(baseline, saved, ctx)
+    ctx.pop("round_medians_ms", None)
+    return LatencyTable(base.median_ms, frac, ctx)
 
 
 def random_plans(blocks: Sequence[str], n: int, seed: int = 0) -> list[frozenset[str]]:
@@ -80,16 +94,17 @@ def random_plans(blocks: Sequence[str], n: int, seed: int = 0) -> list[frozenset
     return plans
 
 
-def calibrate(table: LatencyTable, measure: Measure, plans: Iterable[frozenset[str]],
-              progress: Callable | None = None) -> pd.DataFrame:
-    """Predicted vs measured latency per plan, with the absolute percentage error."""
+def calibrate(table: LatencyTable, measure_many: MeasureMany, plans: Sequence[frozenset[str]]) -> pd.DataFrame:
+    """Predicted vs measured latency per plan (both relative to a baseline timed in the same pass)."""
+    results = measure_many([frozenset(), *plans])
+    base = results[0]
     rows = []
-    plans = list(plans)
-    for plan in (progress(plans) if progress else plans):
-        measured = _checked(measure(plan), f"plan {sorted(plan)}")
-        predicted = table.predict(plan)
-        rows.append({"pruned": ",".join(sorted(plan)), "n_pruned": len(plan), "measured_ms": measured,
-                     "predicted_ms": predicted, "ape_pct": 100 * abs(predicted - measured) / measured})
+    for plan, r in zip(plans, results[1:]):
+        measured, predicted = ratio(r, base), table.predicted_ratio(plan)
+        rows.append({"pruned": ",".join(sorted(plan)), "n_pruned": len(plan),
+                     "measured_ms": measured * base.median_ms, "predicted_ms": predicted * base.median_ms,
+                     "measured_ratio": measured, "predicted_ratio": predicted,
+                     "ape_pct": 100 * abs(predicted - measured) / measured})
     return pd.DataFrame(rows)
 
 

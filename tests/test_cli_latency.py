@@ -72,7 +72,7 @@ def test_table_then_calibrate(capsys, tmp_path):
     code, out, _ = run(capsys, "latency", "table", "test_convnext", *FAST, "--backend", "onnxruntime",
                        "--no-cache", "--out", str(table))
     assert code == 0 and "baseline" in out and table.is_file()
-    saved = json.loads(table.read_text())["saved_ms"]
+    saved = json.loads(table.read_text())["saved_frac"]
     assert len(saved) == 9  # every test_convnext block is worthwhile
     csv = tmp_path / "cal.csv"
     code, out, _ = run(capsys, "latency", "calibrate", "test_convnext", *FAST, "--backend", "onnxruntime",

@@ -17,21 +17,21 @@ def _record(ms: float):
     return summarize([ms], backend="synthetic", precision="fp32", batch_size=1, input_shape=(3, 8, 8))
 
 
-def additive(plan):
-    return _record(20.0 - sum(COST[b] for b in plan))
+def additive(plans):
+    return [_record(20.0 - sum(COST[b] for b in plan)) for plan in plans]
 
 
-def interacting(plan):  # merging a and b together saves an extra 1 ms
-    return _record(additive(plan).median_ms - (1.0 if {"a", "b"} <= plan else 0.0))
+def interacting(plans):  # merging a and b together saves an extra 1 ms
+    return [_record(r.median_ms - (1.0 if {"a", "b"} <= plan else 0.0)) for plan, r in zip(plans, additive(plans))]
 
 
 def test_additive_latency_is_predicted_exactly(tmp_path):
     table = build_table(additive, BLOCKS)
-    assert table.baseline_ms == 20.0 and table.saved_ms == COST
+    assert table.baseline_ms == 20.0 and table.saved_ms == pytest.approx(COST)
     df = calibrate(table, additive, random_plans(BLOCKS, 10))
     assert df["ape_pct"].max() == pytest.approx(0.0)
     table.save(tmp_path / "t.json")
-    assert LatencyTable.load(tmp_path / "t.json").predict(["a", "d"]) == 16.0
+    assert LatencyTable.load(tmp_path / "t.json").predict(["a", "d"]) == pytest.approx(16.0)
 
 
 def test_calibration_sees_interactions():
@@ -50,8 +50,9 @@ def test_random_plans_are_distinct_nonempty_and_bounded():
 
 
 def test_failed_measurement_is_a_clear_error():
-    def broken(plan):
-        return failure("engine build failed", backend="x", precision="fp32", batch_size=1, input_shape=(3,))
+    def broken(plans):
+        return [failure("engine build failed", backend="x", precision="fp32", batch_size=1, input_shape=(3,))
+                for _ in plans]
     with pytest.raises(UpdpError, match="engine build failed"):
         build_table(broken, BLOCKS)
 
@@ -69,8 +70,9 @@ def test_real_table_on_onnxruntime():
     cfg = MeasureConfig(warmup_runs=3, warmup_ms=0, min_runs=20, min_time_s=0.1, threads=2)
     timer = PlanTimer("test_convnext", "onnxruntime", cfg, None, img_size=64)
     blocks = ["stages.2.blocks.0", "stages.2.blocks.1", "stages.2.blocks.2"]
-    table = build_table(timer.measure, blocks)
+    table = build_table(timer.measure_many, blocks)
     assert table.baseline_ms > 0 and set(table.saved_ms) == set(blocks)
     assert table.context["backend"] == "onnxruntime" and table.context["input_shape"] == [3, 64, 64]
-    df = calibrate(table, timer.measure, random_plans(blocks, 3))
-    assert len(df) == 3 and (df["measured_ms"] > 0).all()
+    df = calibrate(table, timer.measure_many, random_plans(blocks, 3))
+    assert len(df) == 3 and (df["measured_ms"] > 0).all() and (df["measured_ratio"] > 0).all()
+    assert "round_medians_ms" not in table.context

@@ -195,13 +195,12 @@ def _blocks(model: str, img_size: int | None, num_classes: int | None) -> list[s
 
 
 def cmd_table(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from updp.latency.table import build_table
 
     timer = _timer(args)
     blocks = _blocks(args.model, args.img_size, args.num_classes)
-    table = build_table(timer.measure, blocks, progress=lambda it: tqdm(it, desc="blocks", unit="block"))
+    print(f"timing the baseline and {len(blocks)} single-block plans, interleaved...", file=sys.stderr)
+    table = build_table(timer.measure_many, blocks)
     out = Path(args.out or f"latency_table_{args.model}.json")
     table.save(out)
     print(f"baseline {table.baseline_ms:.4f} ms ({timer.backend.name}, {timer.device}); saved by merging each alone:")
@@ -211,15 +210,14 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from updp.fileio import atomic_path
     from updp.latency.table import LatencyTable, calibrate, error_summary, random_plans
 
     table = LatencyTable.load(args.table)
     timer = _timer(args)
-    plans = random_plans(list(table.saved_ms), args.plans, args.seed)
-    df = calibrate(table, timer.measure, plans, progress=lambda it: tqdm(it, desc="plans", unit="plan"))
+    plans = random_plans(list(table.saved_frac), args.plans, args.seed)
+    print(f"timing the baseline and {len(plans)} random plans, interleaved...", file=sys.stderr)
+    df = calibrate(table, timer.measure_many, plans)
     if args.out:
         with atomic_path(args.out) as tmp:
             df.to_csv(tmp, index=False)

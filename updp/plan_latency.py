@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from updp import __version__
@@ -15,6 +15,7 @@ from updp.latency.backends import resolve_backend
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import CacheKey, LatencyCache
 from updp.errors import UpdpError
+from updp.latency.interleave import measure_interleaved
 from updp.latency.isolate import measure_isolated
 from updp.latency.result import LatencyResult, failure
 from updp.onnx_export import export_onnx
@@ -56,6 +57,11 @@ class PlanTimer:
         return result
 
     __call__ = measure
+
+    def measure_many(self, plans: Sequence[Iterable[str]], rounds: int = 20) -> list[LatencyResult]:
+        """Time several plans in one interleaved pass (comparable ratios on a drifting machine)."""
+        models = [merge_model(self.base, sorted(p)) if p else self.base for p in plans]
+        return measure_interleaved(self.backend.name, models, self.cfg, rounds, **self.backend_options)
 
     def _isolated(self, model) -> LatencyResult:
         """Export here, time in a child process that is killed at the time limit."""
