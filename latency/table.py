@@ -20,6 +20,7 @@ from updp.errors import UpdpError
 from updp.fileio import write_json
 from updp.latency.result import LatencyResult
 
+MIN_RATIO = 0.05
 MeasureMany = Callable[[Sequence[frozenset[str]]], list[LatencyResult]]
 
 
@@ -34,11 +35,12 @@ class LatencyTable:
         return {b: f * self.baseline_ms for b, f in self.saved_frac.items()}
 
     def predicted_ratio(self, pruned: Iterable[str]) -> float:
+        """``1 - sum(savings)``, floored at ``MIN_RATIO``: noisy savings can add up past the baseline."""
         pruned = list(pruned)
         unknown = [b for b in pruned if b not in self.saved_frac]
         if unknown:
             raise UpdpError(f"the latency table has no entry for {', '.join(unknown)}; rebuild it")
-        return 1.0 - sum(self.saved_frac[b] for b in pruned)
+        return max(MIN_RATIO, 1.0 - sum(self.saved_frac[b] for b in pruned))
 
     def predict(self, pruned: Iterable[str]) -> float:
         return self.baseline_ms * self.predicted_ratio(pruned)

@@ -122,8 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_merge)
 
-    from updp import cli_latency
+    from updp import cli_latency, cli_search
     cli_latency.register(sub)
+    cli_search.register(sub)
     return parser
 
 

@@ -1,0 +1,75 @@
+"""Scoring a plan with the supernet: BN re-estimation, optional short fine-tune, held-out top-1.
+
+Scoring never changes the supernet the next candidate sees: with no
+fine-tune only BN statistics move, and they are restored afterwards; with a
+fine-tune the plan is scored on a copy.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from updp.search.supernet import Supernet
+from updp.training import evaluate
+
+Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, batches: Batches) -> None:
+    """Re-estimate BN running statistics as a plain average over ``batches``."""
+    bns = _bn_modules(model)
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative moving average
+    was = model.training
+    model.train()
+    for x, _ in batches:
+        model(x)
+    model.train(was)
+    for bn, m in zip(bns, saved):
+        bn.momentum = m
+
+
+def _finetune(model: nn.Module, batches: Iterable, steps: int, lr: float) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    it = iter(batches)
+    for _ in range(steps):
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(batches)
+            x, y = next(it)
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def score_plan(supernet: Supernet, pruned: Iterable[str], calib: Batches, held_out: Batches,
+               finetune_steps: int = 0, finetune_batches: Iterable | None = None, lr: float = 1e-4) -> dict:
+    """Top-1 (%) and loss of the plan on ``held_out`` after BN re-estimation on ``calib``."""
+    supernet.set_plan(pruned)
+    if finetune_steps:
+        model = copy.deepcopy(supernet.model)
+        _finetune(model, finetune_batches or calib, finetune_steps, lr)
+        recalibrate_bn(model, calib)
+        return evaluate(model, held_out)
+    bns = _bn_modules(supernet.model)
+    saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
+    try:
+        recalibrate_bn(supernet.model, calib)
+        return evaluate(supernet.model, held_out)
+    finally:
+        for bn, state in zip(bns, saved):
+            bn.load_state_dict(state)
+        supernet.set_plan(())

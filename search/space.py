@@ -1,0 +1,89 @@
+"""The search space: which blocks may be pruned, how a trial picks a plan, seed plans."""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+
+from updp.errors import UpdpError
+from updp.pruner.spec import BlockSpec
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Candidate blocks (worthwhile, not kept) grouped by stage, with a per-stage cap."""
+
+    candidates: tuple[BlockSpec, ...]
+    max_per_stage: int | None = None
+
+    @classmethod
+    def build(cls, blocks: list[BlockSpec], keep: list[str] = (), max_per_stage: int | None = None) -> "SearchSpace":
+        names = {b.name for b in blocks}
+        unknown = [k for k in keep if k not in names]
+        if unknown:
+            raise UpdpError(f"--keep names unknown blocks: {', '.join(unknown)} (see 'updp blocks MODEL')")
+        candidates = tuple(b for b in blocks if b.worthwhile and b.name not in keep)
+        if not candidates:
+            raise UpdpError("no block is left to prune: none is worthwhile (merged form cheaper) or all are kept")
+        return cls(candidates, max_per_stage)
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.candidates]
+
+    @property
+    def stages(self) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = defaultdict(list)
+        for b in self.candidates:
+            out[b.stage].append(b.name)
+        return dict(out)
+
+    def cap(self, stage: int) -> int:
+        n = len(self.stages[stage])
+        return n if self.max_per_stage is None else min(n, self.max_per_stage)
+
+    def repair(self, pruned: set[str]) -> frozenset[str]:
+        """Drop pruned blocks beyond the per-stage cap (latest blocks of the stage first)."""
+        out = set()
+        for stage, names in self.stages.items():
+            chosen = [n for n in names if n in pruned]
+            out.update(chosen[:self.cap(stage)])
+        return frozenset(out)
+
+    def suggest(self, trial, mode: str = "blocks") -> frozenset[str]:
+        """A plan from an Optuna trial: one boolean per block, or a pruned count per stage."""
+        if mode == "blocks":
+            return self.repair({n for n in self.names if trial.suggest_categorical(n, [False, True])})
+        if mode == "stages":
+            return frozenset(n for s, names in self.stages.items()
+                             for n in self._by_saving(names)[:trial.suggest_int(f"stage{s}", 0, self.cap(s))])
+        raise UpdpError(f"unknown search space '{mode}'; use 'blocks' or 'stages'")
+
+    def _by_saving(self, names: list[str]) -> list[str]:
+        """Stage blocks ordered by MACs saved by merging (largest first, later blocks on ties)."""
+        saving = {b.name: b.macs - b.merged_macs for b in self.candidates}
+        return sorted(names, key=lambda n: (-saving[n], -names.index(n)))
+
+    def params(self, pruned: frozenset[str], mode: str = "blocks") -> dict:
+        """Trial parameters that reproduce ``pruned`` (for ``study.enqueue_trial``)."""
+        if mode == "blocks":
+            return {n: n in pruned for n in self.names}
+        return {f"stage{s}": sum(n in pruned for n in names) for s, names in self.stages.items()}
+
+    def most_pruned(self, rng: random.Random) -> frozenset[str]:
+        return frozenset(n for s, names in self.stages.items() for n in rng.sample(names, self.cap(s)))
+
+    def random_plan(self, rng: random.Random) -> frozenset[str]:
+        return self.repair({n for n in self.names if rng.random() < 0.5})
+
+    def seed_plans(self, mode: str = "blocks") -> list[frozenset[str]]:
+        """Unpruned, most pruned (latest blocks), every other block, one middle block per stage."""
+        plans = [frozenset(),
+                 self.repair(set(self.names)) if mode == "blocks" else
+                 frozenset(n for s, names in self.stages.items() for n in self._by_saving(names)[:self.cap(s)]),
+                 self.repair(set(self.names[1::2])),
+                 frozenset(names[len(names) // 2] for names in self.stages.values())]
+        if mode == "stages":
+            plans = [frozenset(n for s, names in self.stages.items()
+                               for n in self._by_saving(names)[:sum(x in p for x in names)]) for p in plans]
+        return list(dict.fromkeys(plans))

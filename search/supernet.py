@@ -1,0 +1,50 @@
+"""The weight-sharing supernet: every candidate block switchable between original and pruned.
+
+Each candidate block is wrapped in its progressive form once; a plan sets
+lambda 0 on its blocks and 1 on the rest, so every subnet shares the
+original weights (plus the BNs the pruned forms add). Training follows the
+sandwich rule: each step trains the full model, the most-pruned allowed plan
+and ``random_plans`` random plans, the full model's output distilling the others.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+
+import torch.nn.functional as F
+from torch import nn
+
+from updp.pruner.plan import apply_plan, set_lambda
+from updp.training import kd_loss
+from updp.search.space import SearchSpace
+
+
+class Supernet:
+    def __init__(self, model: nn.Module, space: SearchSpace):
+        self.model = apply_plan(model, space.names, lam=1.0)
+        self.space = space
+
+    def set_plan(self, pruned: Iterable[str]) -> None:
+        pruned = set(pruned)
+        set_lambda(self.model, {n: 0.0 if n in pruned else 1.0 for n in self.space.names})
+
+    def sandwich_step(self, random_plans: int = 1, kd_alpha: float = 0.5, temperature: float = 2.0,
+                      label_smoothing: float = 0.1, seed: int = 0):
+        """A ``training.StepFn``: backward through the full, most-pruned and random subnets."""
+        def step(x, y, step_index):
+            rng = random.Random(seed * 100_003 + step_index)
+            self.set_plan(())
+            full = self.model(x)
+            loss_full = F.cross_entropy(full, y, label_smoothing=label_smoothing)
+            loss_full.backward()
+            teacher = full.detach()
+            sub_losses = []
+            plans = [self.space.most_pruned(rng)] + [self.space.random_plan(rng) for _ in range(random_plans)]
+            for plan in plans:
+                self.set_plan(plan)
+                loss = kd_loss(self.model(x), teacher, y, kd_alpha, temperature, label_smoothing)
+                loss.backward()
+                sub_losses.append(loss.item())
+            self.set_plan(())
+            return {"loss": loss_full.item(), "sub_loss": sum(sub_losses) / len(sub_losses)}
+        return step

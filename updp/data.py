@@ -1,0 +1,132 @@
+"""ImageFolder data: checks, in-memory decoding of small sets, timm-style transforms.
+
+A dataset directory holds ``train/<class>/*`` and ``val/<class>/*``. Sets of
+up to ``IN_MEMORY_LIMIT`` images are decoded once into a uint8 tensor, so a
+CPU epoch does not pay for PNG decoding again.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
+from torchvision.transforms import v2
+
+from updp.errors import UpdpError
+
+IN_MEMORY_LIMIT = 60_000
+
+
+class DataError(UpdpError):
+    """A dataset directory that is missing, empty or inconsistent."""
+
+
+def _images(folder: Path) -> list[tuple[str, int]]:
+    classes, index = find_classes(str(folder))
+    samples = []
+    for name in classes:
+        for root, _, files in sorted(os.walk(folder / name)):
+            samples += [(os.path.join(root, f), index[name]) for f in sorted(files)
+                        if f.lower().endswith(IMG_EXTENSIONS)]
+    return samples
+
+
+def check_dataset(root: str | os.PathLike) -> list[str]:
+    """The class names, after checking train/ and val/ exist, hold images and agree."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset directory '{root}' does not exist")
+    classes = {}
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(f"dataset '{root}' has no {split}/ folder (expected {split}/<class>/<image>)")
+        try:
+            classes[split] = find_classes(str(folder))[0]
+        except FileNotFoundError:
+            raise DataError(f"'{folder}' has no class folders") from None
+        if not _images(folder):
+            raise DataError(f"'{folder}' holds no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    if classes["train"] != classes["val"]:
+        only = set(classes["train"]) ^ set(classes["val"])
+        raise DataError(f"train/ and val/ of '{root}' have different classes (e.g. {', '.join(sorted(only)[:3])})")
+    return classes["train"]
+
+
+class ImageFolderTensors(Dataset):
+    """An ImageFolder split; decoded once into memory when small enough."""
+
+    def __init__(self, folder: str | os.PathLike, transform=None):
+        self.samples = _images(Path(folder))
+        self.transform = transform
+        self.cache = None
+        if len(self.samples) <= IN_MEMORY_LIMIT:
+            self.cache = [self._decode(p) for p, _ in self.samples]
+
+    @staticmethod
+    def _decode(path: str) -> torch.Tensor:
+        return v2.functional.pil_to_tensor(default_loader(path))
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def with_transform(self, transform) -> "ImageFolderTensors":
+        """The same images (and decoded cache) under another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
+
+    def __getitem__(self, i: int):
+        img = self.cache[i] if self.cache is not None else self._decode(self.samples[i][0])
+        return (self.transform(img) if self.transform else img), self.samples[i][1]
+
+
+def transforms(img_size: int, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """timm-style: random resized crop + flip for training, resize for evaluation."""
+    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
+                           v2.RandomHorizontalFlip(), *tail])
+    return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *tail])
+
+
+@dataclass
+class Splits:
+    """Training images, a held-out slice of train (for search scoring) and val."""
+
+    classes: list[str]
+    train: Dataset
+    train_eval: Dataset  # the same training images without augmentation (BN calibration)
+    held_out: Dataset
+    val: Dataset
+
+
+def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10, model=None) -> Splits:
+    """Every ``held_out_every``-th training image is held out from training for search scoring."""
+    classes = check_dataset(root)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    norm = dict(mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)))
+    root = Path(root)
+    aug = ImageFolderTensors(root / "train", transforms(img_size, True, **norm))
+    plain = aug.with_transform(transforms(img_size, False, **norm))
+    idx = range(len(aug))
+    keep = [i for i in idx if i % held_out_every != held_out_every - 1]
+    held = [i for i in idx if i % held_out_every == held_out_every - 1]
+    val = ImageFolderTensors(root / "val", transforms(img_size, False, **norm))
+    return Splits(classes, Subset(aug, keep), Subset(plain, keep), Subset(plain, held), val)
+
+
+def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
+                      drop_last=shuffle and len(ds) > batch_size)
+
+
+def first_images(ds: Dataset, n: int, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``n`` samples as fixed batches (same images for every candidate scored)."""
+    sub = Subset(ds, range(min(n, len(ds))))
+    return list(DataLoader(sub, batch_size=batch_size, shuffle=False))

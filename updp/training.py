@@ -1,0 +1,193 @@
+"""The training loop shared by baseline, supernet and progressive training.
+
+One loop, three uses: ``step_fn`` does the forward and backward passes of one
+batch (plain cross-entropy, the supernet's sandwich rule, or distillation
+with a lambda schedule). The loop owns the optimizer, the cosine schedule,
+progress, per-epoch metrics and atomic checkpoints. A checkpoint is written
+at every epoch end and when training is interrupted (Ctrl-C), and ``fit``
+resumes from it exactly: same epoch, batch order, optimizer and schedule.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from updp.errors import CheckpointError
+from updp.fileio import atomic_path
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, int], dict]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: float = 10
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_frac: float = 0.05
+    label_smoothing: float = 0.1
+    seed: int = 0
+    grad_clip: float = 5.0
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float, temperature: float,
+            label_smoothing: float = 0.0) -> torch.Tensor:
+    """``(1 - a) * CE + a * T^2 * KL(teacher/T || student/T)`` (method.md section 7)."""
+    ce = F.cross_entropy(student, target, label_smoothing=label_smoothing)
+    kl = F.kl_div(F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                  reduction="batchmean", log_target=True)
+    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+
+
+def ce_step(model: nn.Module, label_smoothing: float = 0.1) -> StepFn:
+    def step(x, y, _step):
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+        loss.backward()
+        return {"loss": loss.item()}
+    return step
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches) -> dict:
+    """Top-1 (%) and mean cross-entropy over ``batches`` (a loader or a list of batches)."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in batches:
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(-1) == y).sum().item()
+        total += len(y)
+    model.train(was)
+    return {"top1": 100.0 * correct / max(total, 1), "loss": loss / max(total, 1), "images": total}
+
+
+class Trainer:
+    """Runs ``step_fn`` over ``train_set`` for ``cfg.epochs``; resumable from ``ckpt``."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set: Dataset, step_fn: StepFn,
+                 ckpt: str | os.PathLike, val_batches=None, metrics_csv: str | os.PathLike | None = None,
+                 desc: str = "train", extra_state: Callable[[], dict] | None = None):
+        self.model, self.cfg, self.train_set, self.step_fn = model, cfg, train_set, step_fn
+        self.ckpt, self.val_batches, self.desc = Path(ckpt), val_batches, desc
+        self.metrics_csv = Path(metrics_csv) if metrics_csv else None
+        self.extra_state = extra_state
+        self.steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+        self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, int(cfg.warmup_frac * self.total_steps))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _cosine(s, warmup, self.total_steps))
+        self.step = 0
+        self.metrics: list[dict] = []
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, complete: bool = False) -> None:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
+                 "step": self.step, "metrics": self.metrics, "complete": complete, "config": asdict(self.cfg),
+                 "rng": torch.get_rng_state()}
+        with atomic_path(self.ckpt) as tmp:
+            torch.save(state, tmp)
+
+    def resume(self) -> bool:
+        """Load the checkpoint if there is one; True if training had already finished."""
+        if not self.ckpt.is_file():
+            return False
+        try:
+            state = torch.load(self.ckpt, map_location="cpu", weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+        except Exception as e:  # noqa: BLE001 - any damage to the file is reported the same way
+            raise CheckpointError(f"training checkpoint '{self.ckpt}' is unreadable or for another model "
+                                  f"({type(e).__name__}: {str(e)[:120]}); delete it to start over") from None
+        self.step, self.metrics = state["step"], state["metrics"]
+        torch.set_rng_state(state["rng"])
+        return bool(state.get("complete"))
+
+    # --- loop ----------------------------------------------------------------------------------
+
+    def _batches(self, epoch: int, skip: int):
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+        dl = DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
+        for i, batch in enumerate(dl):
+            if i >= skip:
+                yield batch
+
+    def fit(self) -> list[dict]:
+        if self.resume():
+            return self.metrics
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
+        try:
+            while self.step < self.total_steps:
+                epoch, skip = divmod(self.step, self.steps_per_epoch)
+                self._epoch(epoch, skip, bar)
+                if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
+                    self._end_epoch(epoch, bar)
+        except KeyboardInterrupt:
+            self.save()
+            bar.close()
+            raise
+        bar.close()
+        self.save(complete=True)
+        return self.metrics
+
+    def _epoch(self, epoch: int, skip: int, bar: tqdm) -> None:
+        t0, seen = time.perf_counter(), 0
+        for x, y in self._batches(epoch, skip):
+            if self.step >= self.total_steps:
+                return
+            self.opt.zero_grad(set_to_none=True)
+            info = self.step_fn(x, y, self.step)
+            if self.cfg.grad_clip:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            seen += len(y)
+            self.last = info
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in info.items()},
+                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+
+    def _end_epoch(self, epoch: int, bar: tqdm) -> None:
+        row = {"epoch": epoch, "step": self.step, "lr": self.sched.get_last_lr()[0],
+               **{f"train_{k}": v for k, v in getattr(self, "last", {}).items()}}
+        if self.extra_state:
+            row.update(self.extra_state())
+        if self.val_batches is not None:
+            row.update({f"val_{k}": v for k, v in evaluate(self.model, self.val_batches).items()})
+            bar.write(f"{self.desc} epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                                  if isinstance(v, float)))
+            self.model.train()
+        self.metrics.append(row)
+        if self.metrics_csv:
+            _write_csv(self.metrics_csv, self.metrics)
+        self.save()
+
+
+def _cosine(step: int, warmup: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
