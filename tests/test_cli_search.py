@@ -1,0 +1,97 @@
+"""``updp search`` / ``updp report`` end to end on real images, and their input errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from updp.cli import main
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+FAST = ["--model", "test_convnext", "--baseline-epochs", "0.15", "--supernet-epochs", "0.15",
+        "--latency-img-size", "32", "--threads", "2", "--backend", "onnxruntime"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A 10-class slice of the CIFAR-10 subset: 30 train and 10 val images per class."""
+    import shutil
+    root = tmp_path_factory.mktemp("cifar")
+    src = DATA if DATA.is_dir() else Path(__file__).resolve().parents[1] / "data" / "cifar10"
+    for split, n in (("train", 30), ("val", 10)):
+        for cls in sorted(p.name for p in (src / split).iterdir()):
+            (root / split / cls).mkdir(parents=True)
+            for f in sorted((src / split / cls).iterdir())[:n]:
+                shutil.copy(f, root / split / cls / f.name)
+    return root
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.slow
+def test_search_end_to_end_then_resume_is_a_no_op(capsys, tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "search", *FAST, "--data", data_dir, "--run", run_dir, "--trials", "8",
+                         "--target-speedup", "1.1")
+    assert code == 0, err
+    for name in ("config.yaml", "study.db", "supernet.pt", "baseline.pt", "latency_cache.sqlite",
+                 "latency_table.json", "trials.csv", "pareto.csv", "pareto.png", "report.md"):
+        assert (run_dir / name).is_file(), name
+    trials = pd.read_csv(run_dir / "trials.csv", keep_default_na=False)
+    assert (trials.state == "COMPLETE").sum() == 8
+    assert set(trials.latency_source) <= {"predicted", "measured"}
+    assert trials.pruned.iloc[0] == ""  # the unpruned seed plan comes first
+    assert "best plan under the budget" in out or "no completed plan" in out
+    code, out, _ = run(capsys, "search", "--resume", run_dir)
+    assert code == 0 and "nothing to do" in out
+    code, out, _ = run(capsys, "search", "--resume", run_dir, "--trials", "10")
+    assert code == 0 and (pd.read_csv(run_dir / "trials.csv").state == "COMPLETE").sum() == 10
+    code, out, _ = run(capsys, "report", run_dir)
+    assert code == 0 and "Pareto front" in out
+
+
+def _error(capsys, *argv):
+    code, _, err = run(capsys, *argv)
+    errors = [line for line in err.splitlines() if line.startswith("updp: error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_missing_and_empty_datasets(capsys, tmp_path):
+    assert "does not exist" in _error(capsys, "search", *FAST, "--data", tmp_path / "nope", "--run", tmp_path / "r")
+    (tmp_path / "empty" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "empty" / "val" / "cat").mkdir(parents=True)
+    assert "holds no images" in _error(capsys, "search", *FAST, "--data", tmp_path / "empty", "--run", tmp_path / "r")
+
+
+def test_impossible_budget_before_training(capsys, tmp_path, data_dir):
+    msg = _error(capsys, "search", *FAST, "--data", data_dir, "--run", tmp_path / "r", "--latency-budget-ms", "1e-6")
+    assert "impossible budget" in msg
+    assert not (tmp_path / "r" / "baseline.pt").exists()
+
+
+def test_image_size_the_model_cannot_take(capsys, tmp_path, data_dir):
+    msg = _error(capsys, "search", "--model", "deit_tiny_patch16_224", "--data", data_dir, "--run", tmp_path / "r")
+    assert "cannot take 32px images" in msg
+
+
+def test_bad_storage_and_existing_run(capsys, tmp_path, data_dir):
+    msg = _error(capsys, "search", *FAST, "--data", data_dir, "--run", tmp_path / "r",
+                 "--storage", "postgresql://nobody@127.0.0.1:1/x")
+    assert "cannot open study storage" in msg
+    (tmp_path / "r2").mkdir()
+    (tmp_path / "r2" / "config.yaml").write_text("model: test_convnext\n")
+    assert "--resume" in _error(capsys, "search", *FAST, "--data", data_dir, "--run", tmp_path / "r2")
+
+
+def test_config_file_errors(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: test_convnext\nsearch:\n  trails: 3\n")
+    assert "unknown config key 'search.trails'" in _error(capsys, "search", "--config", cfg)
+    assert "no dataset given" in _error(capsys, "search", "--model", "test_convnext", "--run", tmp_path / "r")
+    assert "not an updp run directory" in _error(capsys, "search", "--resume", tmp_path)
