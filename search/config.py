@@ -56,8 +56,23 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class TrainPlanConfig:
+    """Progressive training of the chosen plan (method.md sections 2 and 7)."""
+
+    plan: list[str] | None = None  # default: the search's best plan under the budget
+    epochs: float = 6
+    lr: float = 1e-3
+    schedule: str = "linear"  # linear | cosine
+    lambda_end_frac: float = 0.6  # lambda reaches 0 at this fraction of training
+    stagger_frac: float = 0.0  # each block starts fading this fraction of training after the previous
+    kd_alpha: float = 0.5
+    kd_temperature: float = 2.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     model: str = ""
+    run_dir: str | None = None  # default: runs/<model>
     checkpoint: str | None = None
     num_classes: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -65,3 +80,4 @@ class RunConfig:
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    train: TrainPlanConfig = field(default_factory=TrainPlanConfig)

@@ -266,4 +266,9 @@ def report_only(run_dir: Path) -> dict:
     saved = run_dir / "search_summary.json"
     context = json.loads(saved.read_text())["context"] if saved.is_file() else {"model": cfg.model,
                                                                                  "data": cfg.data.root}
-    return report(run_dir, study, context)
+    summary = report(run_dir, study, context)
+    final = run_dir / "final.json"
+    if final.is_file():  # keep the final-model section that 'updp run' / 'updp train' added
+        from updp.progressive import append_final_section
+        append_final_section(run_dir, json.loads(final.read_text()))
+    return summary

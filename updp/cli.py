@@ -122,9 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_merge)
 
-    from updp import cli_latency, cli_search
+    from updp import cli_latency, cli_run, cli_search
     cli_latency.register(sub)
     cli_search.register(sub)
+    cli_run.register(sub)
     return parser
 
 

@@ -19,19 +19,15 @@ OVERRIDES = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("search", help="supernet + Optuna search over which blocks to prune; Pareto report",
-                       description="Train a weight-sharing supernet of MODEL on DATA, then search which blocks "
-                                   "to prune with Optuna, scoring each plan by supernet accuracy and latency on "
-                                   "the target. Writes everything to the run directory; rerun with --resume "
-                                   "RUN to continue (several workers may share one study).")
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags shared by search, train and run (each maps to a config key)."""
     p.add_argument("--config", metavar="YAML", help="config file (CLI flags override it)")
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/<model>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its config.yaml, plus CLI overrides)")
     p.add_argument("--model", help="timm model name")
     p.add_argument("--checkpoint", metavar="FILE", help="baseline weights (default: train a baseline on DATA)")
-    p.add_argument("--num-classes", type=int, metavar="N", help="default: the number of class folders")
-    p.add_argument("--data", metavar="DIR", help="ImageFolder dataset with train/ and val/")
+    p.add_argument("--num-classes", type=int, metavar="N", help="default: the number of classes in DATA")
+    p.add_argument("--data", metavar="DIR", help="ImageFolder dataset with train/ and val/, or an .npz")
     p.add_argument("--img-size", type=int, metavar="PX", help="training/scoring image size")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--trials", type=int, metavar="N", help="completed trials to reach")
@@ -52,6 +48,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--baseline-epochs", type=float)
     p.add_argument("--supernet-epochs", type=float)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("search", help="supernet + Optuna search over which blocks to prune; Pareto report",
+                       description="Train a weight-sharing supernet of MODEL on DATA, then search which blocks "
+                                   "to prune with Optuna, scoring each plan by supernet accuracy and latency on "
+                                   "the target. Writes everything to the run directory; rerun with --resume "
+                                   "RUN to continue (several workers may share one study).")
+    add_run_args(p)
     p.set_defaults(func=cmd_search)
 
     r = sub.add_parser("report", help="rebuild a search run's report (CSV, Pareto plot, Markdown)",
@@ -60,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_report)
 
 
-def resolve_config(args: argparse.Namespace):
+def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None, allow_existing: bool = False):
     from updp.config import from_dict, load_yaml, override
     from updp.search.config import RunConfig
     from updp.search.runner import load_run_config
@@ -71,15 +76,15 @@ def resolve_config(args: argparse.Namespace):
     else:
         cfg = load_yaml(RunConfig, args.config) if args.config else from_dict(RunConfig, {})
         run_dir = None
-    changes = {key: getattr(args, flag) for flag, key in OVERRIDES.items()}
+    changes = {key: getattr(args, flag) for flag, key in {**OVERRIDES, **(extra or {})}.items()}
     if args.keep:
         changes["search.keep"] = list(args.keep)
     cfg = override(cfg, changes)
     if run_dir is None:
         if not cfg.model:
             raise UpdpError("no model given: pass --model NAME or a --config with 'model'")
-        run_dir = Path(args.run or f"runs/{cfg.model}")
-        if (run_dir / "config.yaml").is_file() and not args.resume:
+        run_dir = Path(args.run or cfg.run_dir or f"runs/{cfg.model}")
+        if (run_dir / "config.yaml").is_file() and not allow_existing:
             raise UpdpError(f"'{run_dir}' already holds a run; continue it with --resume {run_dir} "
                             "or choose another --run")
     return cfg, run_dir

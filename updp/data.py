@@ -35,9 +35,31 @@ def _images(folder: Path) -> list[tuple[str, int]]:
     return samples
 
 
+def _npz(path: Path) -> dict:
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            data = {k: f[k] for k in f.files}
+    except Exception as e:  # noqa: BLE001 - any unreadable archive is the same user error
+        raise DataError(f"dataset '{path}' is not a readable .npz archive ({type(e).__name__})") from None
+    missing = {"train_x", "train_y", "val_x", "val_y", "classes"} - set(data)
+    if missing:
+        raise DataError(f"dataset '{path}' lacks arrays {', '.join(sorted(missing))}")
+    if not len(data["train_x"]) or not len(data["val_x"]):
+        raise DataError(f"dataset '{path}' holds no images")
+    return data
+
+
 def check_dataset(root: str | os.PathLike) -> list[str]:
-    """The class names, after checking train/ and val/ exist, hold images and agree."""
+    """The class names, after checking train/ and val/ exist, hold images and agree.
+
+    ``root`` may also be an ``.npz`` archive (``train_x/train_y/val_x/val_y``
+    uint8 NHWC images and labels, ``classes``), as the demo data ships.
+    """
     root = Path(root)
+    if root.suffix == ".npz" and root.is_file():
+        return [str(c) for c in _npz(root)["classes"]]
     if not root.is_dir():
         raise DataError(f"dataset directory '{root}' does not exist")
     classes = {}
@@ -58,12 +80,17 @@ def check_dataset(root: str | os.PathLike) -> list[str]:
 
 
 class ImageFolderTensors(Dataset):
-    """An ImageFolder split; decoded once into memory when small enough."""
+    """An ImageFolder split (or arrays from an .npz); decoded once into memory when small enough."""
 
-    def __init__(self, folder: str | os.PathLike, transform=None):
-        self.samples = _images(Path(folder))
+    def __init__(self, folder: str | os.PathLike | None, transform=None, arrays=None):
         self.transform = transform
         self.cache = None
+        if arrays is not None:
+            images, labels = arrays
+            self.cache = [torch.from_numpy(img).permute(2, 0, 1).contiguous() for img in images]
+            self.samples = [("", int(y)) for y in labels]
+            return
+        self.samples = _images(Path(folder))
         if len(self.samples) <= IN_MEMORY_LIMIT:
             self.cache = [self._decode(p) for p, _ in self.samples]
 
@@ -111,12 +138,17 @@ def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10
     cfg = getattr(model, "pretrained_cfg", None) or {}
     norm = dict(mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)))
     root = Path(root)
-    aug = ImageFolderTensors(root / "train", transforms(img_size, True, **norm))
+    if root.suffix == ".npz":
+        arrays = _npz(root)
+        aug = ImageFolderTensors(None, transforms(img_size, True, **norm), (arrays["train_x"], arrays["train_y"]))
+        val = ImageFolderTensors(None, transforms(img_size, False, **norm), (arrays["val_x"], arrays["val_y"]))
+    else:
+        aug = ImageFolderTensors(root / "train", transforms(img_size, True, **norm))
+        val = ImageFolderTensors(root / "val", transforms(img_size, False, **norm))
     plain = aug.with_transform(transforms(img_size, False, **norm))
     idx = range(len(aug))
     keep = [i for i in idx if i % held_out_every != held_out_every - 1]
     held = [i for i in idx if i % held_out_every == held_out_every - 1]
-    val = ImageFolderTensors(root / "val", transforms(img_size, False, **norm))
     return Splits(classes, Subset(aug, keep), Subset(plain, keep), Subset(plain, held), val)
 
 

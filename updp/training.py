@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from updp.errors import CheckpointError
@@ -91,13 +91,14 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _cosine(s, warmup, self.total_steps))
         self.step = 0
         self.metrics: list[dict] = []
+        self.rng = torch.get_rng_state()
 
     # --- checkpoints ---------------------------------------------------------------------------
 
     def save(self, complete: bool = False) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
                  "step": self.step, "metrics": self.metrics, "complete": complete, "config": asdict(self.cfg),
-                 "rng": torch.get_rng_state()}
+                 "rng": self.rng}
         with atomic_path(self.ckpt) as tmp:
             torch.save(state, tmp)
 
@@ -113,18 +114,19 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - any damage to the file is reported the same way
             raise CheckpointError(f"training checkpoint '{self.ckpt}' is unreadable or for another model "
                                   f"({type(e).__name__}: {str(e)[:120]}); delete it to start over") from None
-        self.step, self.metrics = state["step"], state["metrics"]
-        torch.set_rng_state(state["rng"])
+        self.step, self.metrics, self.rng = state["step"], state["metrics"], state["rng"]
+        torch.set_rng_state(self.rng)
         return bool(state.get("complete"))
 
     # --- loop ----------------------------------------------------------------------------------
 
     def _batches(self, epoch: int, skip: int):
+        """The epoch's shuffled batches from batch ``skip`` on; skipped ones are never loaded,
+        so the random augmentations of the rest match an uninterrupted run."""
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        dl = DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=True, generator=gen, drop_last=True)
-        for i, batch in enumerate(dl):
-            if i >= skip:
-                yield batch
+        order = torch.randperm(len(self.train_set), generator=gen)[skip * self.cfg.batch_size:]
+        return DataLoader(Subset(self.train_set, order.tolist()), batch_size=self.cfg.batch_size, shuffle=False,
+                          drop_last=True)
 
     def fit(self) -> list[dict]:
         if self.resume():
@@ -138,6 +140,10 @@ class Trainer:
                 if self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps:
                     self._end_epoch(epoch, bar)
         except KeyboardInterrupt:
+            if getattr(self, "buffers", None) is not None:  # interrupted mid-step: back to the last whole step
+                with torch.no_grad():
+                    for b, saved in zip(self.model.buffers(), self.buffers):
+                        b.copy_(saved)
             self.save()
             bar.close()
             raise
@@ -147,16 +153,23 @@ class Trainer:
 
     def _epoch(self, epoch: int, skip: int, bar: tqdm) -> None:
         t0, seen = time.perf_counter(), 0
-        for x, y in self._batches(epoch, skip):
-            if self.step >= self.total_steps:
+        batches = iter(self._batches(epoch, skip))
+        while self.step < self.total_steps:
+            try:
+                x, y = next(batches)
+            except StopIteration:
                 return
             self.opt.zero_grad(set_to_none=True)
+            # BN running statistics move in the forward pass: keep them to undo a step cut short
+            self.buffers = [b.clone() for b in self.model.buffers()]
             info = self.step_fn(x, y, self.step)
             if self.cfg.grad_clip:
                 nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.opt.step()
             self.sched.step()
             self.step += 1
+            self.buffers = None
+            self.rng = torch.get_rng_state()  # what an exact resume restores: the state after a whole step
             seen += len(y)
             self.last = info
             bar.update(1)

@@ -1,0 +1,72 @@
+"""``updp run`` and ``updp train``."""
+from __future__ import annotations
+
+import argparse
+
+from updp.cli_search import OVERRIDES, add_run_args, resolve_config
+
+TRAIN_OVERRIDES = {"train_epochs": "train.epochs", "train_lr": "train.lr", "schedule": "train.schedule",
+                   "lambda_end_frac": "train.lambda_end_frac", "kd_alpha": "train.kd_alpha"}
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-epochs", type=float, metavar="N", help="progressive training epochs")
+    p.add_argument("--train-lr", type=float)
+    p.add_argument("--schedule", choices=["linear", "cosine"], help="lambda schedule")
+    p.add_argument("--lambda-end-frac", type=float, metavar="F", help="lambda reaches 0 at this fraction")
+    p.add_argument("--kd-alpha", type=float)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    r = sub.add_parser("run", help="the whole pipeline: baseline, supernet, search, progressive training, merge",
+                       description="Run every stage into one run directory, skipping stages already complete "
+                                   "(so an interrupted run resumes): baseline training when no checkpoint is "
+                                   "given, latency table, supernet, Optuna search, progressive training of the "
+                                   "best plan under the budget, merge, verification, export and report.")
+    add_run_args(r)
+    _add_train_args(r)
+    r.set_defaults(func=cmd_run)
+
+    t = sub.add_parser("train", help="progressive training of one plan, then merge, verify, export, time",
+                       description="Train PLAN (default: the best plan of the run's search) from the baseline "
+                                   "with lambda fading and distillation, then merge and export it.")
+    add_run_args(t)
+    t.add_argument("--plan", metavar="PLAN", help="blocks to prune (names or a JSON file)")
+    _add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+
+def _config(args):
+    changes = {flag: key for flag, key in TRAIN_OVERRIDES.items()}
+    cfg, run_dir = resolve_config(args, extra=changes, allow_existing=True)
+    return cfg, run_dir
+
+
+def _print(result: dict, run_dir) -> None:
+    print(f"final model in {run_dir}: top-1 {result['baseline_top1']:.2f} % -> {result['merged_top1']:.2f} % "
+          f"(val), params {result['params_baseline']:,} -> {result['params_merged']:,}")
+    if "speedup" in result:
+        print(f"latency ({result['latency_backend']}, {result['latency_input']}): {result['latency_baseline_ms']:.4g} "
+              f"-> {result['latency_merged_ms']:.4g} ms, speedup {result['speedup']:.3f}x; "
+              f"merged vs subnet max abs logit diff {result['max_abs_logit_diff_merged_vs_subnet']:.3g}")
+    print(f"report: {run_dir / 'report.md'}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from updp.run import run_all
+
+    cfg, run_dir = _config(args)
+    _print(run_all(cfg, run_dir), run_dir)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from updp.pruner.plan import parse_plan
+    from updp.run import train_and_merge
+
+    cfg, run_dir = _config(args)
+    _print(train_and_merge(cfg, run_dir, parse_plan(args.plan) if args.plan else None), run_dir)
+    return 0
+
+
+__all__ = ["OVERRIDES", "register"]
