@@ -28,6 +28,8 @@ class LambdaSchedule:
 
     def __call__(self, step: int, name: str | None = None) -> float:
         step -= self.offsets.get(name, 0) if name is not None else 0
+        if self.end <= self.start:  # no fade: pruned from ``start`` on
+            return 1.0 if step < self.start else 0.0
         if step <= self.start:
             return 1.0
         if step >= self.end:
