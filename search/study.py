@@ -12,11 +12,12 @@ import json
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
@@ -39,8 +40,10 @@ def open_storage(url: str | None, run_dir: Path):
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorage(JournalFileBackend(str(path)))
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=20, grace_period=60,
-                          heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=2))
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna; they are what we want
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=20, grace_period=60,
+                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2))
     except Exception as e:  # noqa: BLE001 - every storage failure is a user-facing error
         raise UpdpError(f"cannot open study storage '{url}': {type(e).__name__}: {str(e).splitlines()[0][:200]}")
 
