@@ -200,16 +200,33 @@ def verify_front(inp: Inputs, study: optuna.Study, timer: PlanTimer, table: Late
         study.set_user_attr("verified_latency_ms", verified)
 
 
+@contextlib.contextmanager
+def stage(run_dir: Path, name: str):
+    """Record a stage's wall time in ``timings.json`` (seconds; a resumed stage adds up)."""
+    path = run_dir / "timings.json"
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings = json.loads(path.read_text()) if path.is_file() else {}
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+        write_json(path, timings)
+
+
 def run_search(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
-    inp = _check_inputs(cfg, run_dir)
-    write_yaml(run_dir / "config.yaml", cfg)
-    timer = _timer(inp)
+    with stage(run_dir, "checks"):
+        inp = _check_inputs(cfg, run_dir)
+        write_yaml(run_dir / "config.yaml", cfg)
+        timer = _timer(inp)
     with _exclusive(run_dir):
-        table = latency_table(inp, timer)
-        budget_ms = budget(inp, table)
-        model = baseline_model(inp)
-        supernet = train_supernet(inp, model)
+        with stage(run_dir, "latency_table"):
+            table = latency_table(inp, timer)
+            budget_ms = budget(inp, table)
+        with stage(run_dir, "baseline"):
+            model = baseline_model(inp)
+        with stage(run_dir, "supernet"):
+            supernet = train_supernet(inp, model)
     s = cfg.search
     sampler = st.make_sampler(s.sampler, s.seed, s.trials)
     study = st.open_study(inp.storage, s.study_name, sampler)
@@ -225,12 +242,15 @@ def run_search(cfg: RunConfig, run_dir: Path) -> dict:
         scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps)  # noqa: E731
         objective = st.Objective(inp.space, s.space, scorer, PlanLatency(cfg.latency.mode, timer, table), budget_ms)
         callback, bar = _progress(s.trials)
-        study.optimize(objective, callbacks=[MaxTrialsCallback(s.trials, states=(TrialState.COMPLETE,)), callback],
-                       catch=(st.CandidateFailed,), gc_after_trial=False)
+        with stage(run_dir, "search"):
+            study.optimize(objective, catch=(st.CandidateFailed,), gc_after_trial=False,
+                           callbacks=[MaxTrialsCallback(s.trials, states=(TrialState.COMPLETE,)), callback])
         bar.close()
     if cfg.latency.mode == "hybrid":
-        verify_front(inp, study, timer, table)
-    return report(run_dir, study, run_context(cfg, timer, budget_ms, table))
+        with stage(run_dir, "verify_front"):
+            verify_front(inp, study, timer, table)
+    with stage(run_dir, "report"):
+        return report(run_dir, study, run_context(cfg, timer, budget_ms, table))
 
 
 def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None) -> dict:

@@ -46,10 +46,12 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: list[str] | None = None
     with runner._exclusive(run_dir):
         baseline = runner.baseline_model(inp)
     print(f"updp: progressive training of {len(plan)} pruned blocks: {', '.join(plan)}", flush=True)
-    student = train_plan(baseline, plan, inp.splits, cfg, run_dir)
-    backend = resolve_backend(cfg.latency.backend).name
-    result = finalize(baseline, student, plan, inp.splits, cfg, run_dir, backend, inp.num_classes)
-    append_final_section(run_dir, result)
+    with runner.stage(run_dir, "progressive_training"):
+        student = train_plan(baseline, plan, inp.splits, cfg, run_dir)
+    with runner.stage(run_dir, "merge_verify_export_latency"):
+        backend = resolve_backend(cfg.latency.backend).name
+        result = finalize(baseline, student, plan, inp.splits, cfg, run_dir, backend, inp.num_classes)
+        append_final_section(run_dir, result)
     return result
 
 
