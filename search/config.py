@@ -74,6 +74,7 @@ class RunConfig:
     model: str = ""
     run_dir: str | None = None  # default: runs/<model>
     checkpoint: str | None = None
+    pretrained: bool = False  # timm pretrained weights (needs the hub to be reachable)
     num_classes: int | None = None
     data: DataConfig = field(default_factory=DataConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)

@@ -90,6 +90,8 @@ def _exclusive(run_dir: Path):
 def baseline_model(inp: Inputs) -> torch.nn.Module:
     """The model with baseline weights: from --checkpoint, or trained here on the data."""
     cfg = inp.cfg
+    if cfg.pretrained and not cfg.checkpoint:
+        return _pretrained(cfg.model, inp.num_classes)
     model = create_model(cfg.model, inp.num_classes)
     if cfg.checkpoint:
         load_state(model, raw_state_dict(read_file(cfg.checkpoint)), cfg.checkpoint)
@@ -99,6 +101,16 @@ def baseline_model(inp: Inputs) -> torch.nn.Module:
             val_batches=first_images(inp.splits.val, 1000), metrics_csv=inp.run_dir / "baseline_metrics.csv",
             desc="baseline").fit()
     return model
+
+
+def _pretrained(name: str, num_classes: int) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=True, num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001 - no network, no weights for this name, ...
+        raise UpdpError(f"cannot load timm pretrained weights for {name} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160]}); pass --checkpoint FILE instead") from None
 
 
 def _timer(inp: Inputs) -> PlanTimer:

@@ -8,7 +8,7 @@ from updp.errors import UpdpError
 
 # CLI flag -> dotted config key
 OVERRIDES = {
-    "model": "model", "checkpoint": "checkpoint", "num_classes": "num_classes", "data": "data.root",
+    "model": "model", "checkpoint": "checkpoint", "pretrained": "pretrained", "num_classes": "num_classes", "data": "data.root",
     "img_size": "data.img_size", "batch_size": "data.batch_size", "trials": "search.trials",
     "sampler": "search.sampler", "space": "search.space", "seed": "search.seed",
     "latency_budget_ms": "search.latency_budget_ms", "target_speedup": "search.target_speedup",
@@ -26,6 +26,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its config.yaml, plus CLI overrides)")
     p.add_argument("--model", help="timm model name")
     p.add_argument("--checkpoint", metavar="FILE", help="baseline weights (default: train a baseline on DATA)")
+    p.add_argument("--pretrained", action="store_true", default=None,
+                   help="start from timm's pretrained weights (needs the model hub to be reachable)")
     p.add_argument("--num-classes", type=int, metavar="N", help="default: the number of classes in DATA")
     p.add_argument("--data", metavar="DIR", help="ImageFolder dataset with train/ and val/, or an .npz")
     p.add_argument("--img-size", type=int, metavar="PX", help="training/scoring image size")
