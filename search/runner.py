@@ -7,7 +7,6 @@ verification, report. Every input is checked before any long work starts.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fcntl
 import json
 import time
@@ -36,7 +35,7 @@ from updp.search.report import write_report
 from updp.search.scoring import score_plan
 from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
-from updp.training import TrainConfig, Trainer, ce_step, evaluate
+from updp.training import TrainConfig, Trainer, ce_step
 
 
 @dataclass

@@ -1,7 +1,6 @@
 """Progressive training: lambda follows the schedule, resume is exact, the final merge is verified."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

@@ -80,7 +80,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
           f"  ({ratio(report['macs_before'], report['macs_after'])})")
     print(f"  merged vs subnet max abs diff: fp64 {report['max_abs_diff_fp64']:.2e}, "
           f"fp32 {report['max_abs_diff_fp32']:.2e}; ONNX Runtime vs torch {report['onnx_max_abs_diff']:.2e}")
-    print(f"  wrote merged.pt, merged.onnx, merge.json (load with updp.pruner.load_checkpoint)")
+    print("  wrote merged.pt, merged.onnx, merge.json (load with updp.pruner.load_checkpoint)")
     return 0
 
 

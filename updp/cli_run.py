@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from updp.cli_search import OVERRIDES, add_run_args, resolve_config
+from updp.cli_search import add_run_args, resolve_config
 
 TRAIN_OVERRIDES = {"train_epochs": "train.epochs", "train_lr": "train.lr", "schedule": "train.schedule",
                    "lambda_end_frac": "train.lambda_end_frac", "kd_alpha": "train.kd_alpha"}
@@ -68,5 +68,3 @@ def cmd_train(args: argparse.Namespace) -> int:
     _print(train_and_merge(cfg, run_dir, parse_plan(args.plan) if args.plan else None), run_dir)
     return 0
 
-
-__all__ = ["OVERRIDES", "register"]

@@ -10,8 +10,6 @@ timed in one interleaved pass, and a final report section.
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,6 @@ import torch
 from torch import nn
 
 from updp.data import Splits, first_images
-from updp.errors import UpdpError
 from updp.fileio import write_json
 from updp.latency.base import MeasureConfig
 from updp.latency.interleave import measure_interleaved
@@ -134,7 +131,7 @@ def final_section(result: dict) -> str:
         f"| MACs | {result['macs_baseline']:,} | {result['macs_merged']:,} |", lat, "",
         f"Merged vs trained subnet on real validation images: max abs logit difference "
         f"{result['max_abs_logit_diff_merged_vs_subnet']:.3g}; ONNX Runtime vs torch {result['onnx_max_abs_diff']:.3g}.",
-        f"Files: merged.pt, merged.onnx, pruned.pt, final.json, train_metrics.csv.", ""])
+        "Files: merged.pt, merged.onnx, pruned.pt, final.json, train_metrics.csv.", ""])
 
 
 def append_final_section(run_dir: Path, result: dict) -> None:
