@@ -8,22 +8,26 @@ import pytest
 
 from updp.cli import main
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
+DEMO = Path(__file__).resolve().parents[1] / "data" / "cifar10_demo.npz"
 FAST = ["--model", "test_convnext", "--baseline-epochs", "0.15", "--supernet-epochs", "0.15",
         "--latency-img-size", "32", "--threads", "2", "--backend", "onnxruntime"]
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A 10-class slice of the CIFAR-10 subset: 30 train and 10 val images per class."""
-    import shutil
+    """An ImageFolder tree (PNG files) of 30 train and 10 val images per class, from the shipped demo data."""
+    import numpy as np
+    from PIL import Image
+
     root = tmp_path_factory.mktemp("cifar")
-    src = DATA if DATA.is_dir() else Path(__file__).resolve().parents[1] / "data" / "cifar10"
-    for split, n in (("train", 30), ("val", 10)):
-        for cls in sorted(p.name for p in (src / split).iterdir()):
-            (root / split / cls).mkdir(parents=True)
-            for f in sorted((src / split / cls).iterdir())[:n]:
-                shutil.copy(f, root / split / cls / f.name)
+    with np.load(DEMO) as arrays:
+        classes = [str(c) for c in arrays["classes"]]
+        for split, n in (("train", 30), ("val", 10)):
+            images, labels = arrays[f"{split}_x"], arrays[f"{split}_y"]
+            for c, name in enumerate(classes):
+                (root / split / name).mkdir(parents=True)
+                for i in np.flatnonzero(labels == c)[:n]:
+                    Image.fromarray(images[i]).save(root / split / name / f"{i:05d}.png")
     return root
 
 

@@ -94,7 +94,8 @@ def finalize(baseline: nn.Module, student: nn.Module, plan: list[str], splits: S
         "merged_top1": evaluate(merged, val)["top1"], "val_images": len(splits.val),
         "max_abs_logit_diff_merged_vs_subnet": diff, "onnx_max_abs_diff": onnx_diff,
         "params_baseline": count_params(baseline), "params_merged": count_params(merged),
-        "macs_baseline": count_macs(baseline.eval(), x1), "macs_merged": count_macs(merged, x1), **latency}
+        "macs_baseline": count_macs(baseline.eval(), x1), "macs_merged": count_macs(merged, x1),
+        "macs_input": "x".join(map(str, (1, *shape))), **latency}
     write_json(out_dir / "final.json", result)
     return result
 
@@ -128,7 +129,8 @@ def final_section(result: dict) -> str:
         f"| top-1 on val ({result['val_images']} images) | {result['baseline_top1']:.2f} % | "
         f"{result['merged_top1']:.2f} % |",
         f"| params | {result['params_baseline']:,} | {result['params_merged']:,} |",
-        f"| MACs | {result['macs_baseline']:,} | {result['macs_merged']:,} |", lat, "",
+        f"| MACs (input {result.get('macs_input', '')}) | {result['macs_baseline']:,} | {result['macs_merged']:,} |",
+        lat, "",
         f"Merged vs trained subnet on real validation images: max abs logit difference "
         f"{result['max_abs_logit_diff_merged_vs_subnet']:.3g}; ONNX Runtime vs torch {result['onnx_max_abs_diff']:.3g}.",
         "Files: merged.pt, merged.onnx, pruned.pt, final.json, train_metrics.csv.", ""])
