@@ -98,7 +98,7 @@ class LatencyBackend(abc.ABC):
     def identity(self) -> tuple[str, tuple[tuple[str, str], ...]]:
         """``(device, versions)``: what a cached figure must match to be reused."""
         ctx = self.context()
-        skip = {"device", "compile", "torch_threads", "execution_provider", "timing_cache"}
+        skip = {"device", "compile", "torch_threads", "execution_provider", "timing_cache", "thread_spinning"}
         versions = tuple(sorted((k, str(v)) for k, v in ctx.items() if k not in skip))
         return str(ctx.get("device", "unknown")), versions
 

@@ -34,6 +34,9 @@ def _load(backend: LatencyBackend, target: Any, cfg: MeasureConfig, folder: Path
 def measure_interleaved(backend: str, targets: Sequence[Any], cfg: MeasureConfig, rounds: int = 10,
                         **options: Any) -> list[LatencyResult]:
     """Time each target ``ceil(min_runs / rounds)`` runs per round, ``rounds`` rounds, in turn."""
+    if backend == "onnxruntime":
+        # Spinning threads of the session that just ran would steal the cores from the next one.
+        options = {"spin": False, **options}
     backends = [resolve_backend(backend, **options) for _ in targets]
     fields = dict(backend=backends[0].name, precision=cfg.precision, batch_size=cfg.batch_size,
                   input_shape=tuple(cfg.input_shape))

@@ -16,8 +16,9 @@ class OnnxRuntimeBackend(LatencyBackend):
     name = "onnxruntime"
     supported_precisions = ("fp32",)
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", spin: bool = True):
         self.device = device
+        self.spin = spin  # idle intra-op threads busy-wait; off when several sessions share the cores
         self.session = None
 
     @classmethod
@@ -45,6 +46,8 @@ class OnnxRuntimeBackend(LatencyBackend):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if cfg.threads:
             opts.intra_op_num_threads = cfg.threads
+        if not self.spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(target), opts, providers=self._providers())
         inp = self.session.get_inputs()[0]
         x = np.random.default_rng(0).standard_normal(cfg.full_shape).astype(
@@ -68,4 +71,4 @@ class OnnxRuntimeBackend(LatencyBackend):
 
         from updp.latency.context import cpu_name
         return {"device": cpu_name() if self.device == "cpu" else "cuda", "onnxruntime": ort.__version__,
-                "execution_provider": self._providers()[0]}
+                "execution_provider": self._providers()[0], "thread_spinning": self.spin}
