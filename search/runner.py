@@ -226,6 +226,7 @@ def stage(run_dir: Path, name: str):
 
 def run_search(cfg: RunConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.search.seed)  # model initialisation and everything after it are reproducible
     with stage(run_dir, "checks"):
         inp = _check_inputs(cfg, run_dir)
         write_yaml(run_dir / "config.yaml", cfg)

@@ -91,3 +91,10 @@ def test_plan_with_unknown_blocks_is_refused_before_training(tmp_path):
     with pytest.raises(UpdpError, match="not prunable"):
         train_and_merge(_cfg(), tmp_path, ["stages.7.blocks.7"])
     assert not (tmp_path / "baseline.pt").exists()
+
+
+def test_same_seed_same_result(tmp_path, splits):
+    a = train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.1), tmp_path / "a")
+    torch.randn(7)  # whatever happened to the global RNG before, the trainer seeds itself
+    b = train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.1), tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -38,6 +38,8 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: list[str] | None = None
               "delete final.json to redo the final stage", flush=True)
         return json.loads(final.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
+    import torch
+    torch.manual_seed(cfg.search.seed)
     inp = runner._check_inputs(cfg, run_dir)
     plan = plan or choose_plan(cfg, run_dir)
     unknown = [b for b in plan if b not in inp.space.names]

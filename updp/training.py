@@ -131,6 +131,9 @@ class Trainer:
     def fit(self) -> list[dict]:
         if self.resume():
             return self.metrics
+        if self.step == 0:  # a fresh start: augmentations and drop-path draws follow the seed
+            torch.manual_seed(self.cfg.seed)
+            self.rng = torch.get_rng_state()
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.desc, unit="step", dynamic_ncols=True)
         try:
