@@ -56,8 +56,6 @@ class PlanTimer:
             self.cache.put(key, result)
         return result
 
-    __call__ = measure
-
     def measure_many(self, plans: Sequence[Iterable[str]], rounds: int = 20) -> list[LatencyResult]:
         """Time several plans in one interleaved pass (comparable ratios on a drifting machine)."""
         models = [merge_model(self.base, sorted(p)) if p else self.base for p in plans]

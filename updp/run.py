@@ -59,7 +59,6 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: list[str] | None = None
 
 def run_all(cfg: RunConfig, run_dir: Path) -> dict:
     """Baseline, supernet, search, progressive training, merge, report: each stage once."""
-    if (run_dir / "final.json").is_file():
-        return train_and_merge(cfg, run_dir)
-    runner.run_search(cfg, run_dir)
+    if not (run_dir / "final.json").is_file():  # a finished run skips straight to its "nothing to do"
+        runner.run_search(cfg, run_dir)
     return train_and_merge(cfg, run_dir)
