@@ -46,7 +46,8 @@ def parse_file(path: str | Path, **overrides: Any) -> LatencyResult:
         **overrides: ``precision``, ``batch_size``, ``input_shape``: what the file does not say, or says wrongly.
 
     Raises:
-        TrtexecParseError: The file is empty, is broken JSON, or has no performance summary.
+        TrtexecParseError: The file is empty, is broken JSON, has no performance summary, or has figures no real
+            run prints (a GPU time that is not positive, no median, no timed query).
     """
     path = Path(path)
     try:
@@ -306,7 +307,22 @@ def _fields(precision: str | None, found_precision: str, batch_size: int | None,
             "input_shape": tuple(input_shape if input_shape is not None else first[1:]), "context": context}
 
 
+_EDITED = "the file looks edited or damaged: import trtexec's unedited output"
+
+
+def _check_figures(gpu: Mapping[str, float], count: int) -> None:
+    """Refuse what no real run prints: no median, a time that is not a positive number, no timed query."""
+    if "median" not in gpu:
+        raise TrtexecParseError(f"GPU Compute Time has no median; {_EDITED}")
+    for name, value in gpu.items():
+        if not (math.isfinite(value) and value > 0):
+            raise TrtexecParseError(f"GPU Compute Time {name} = {value:g} ms is not a positive time; {_EDITED}")
+    if count <= 0:
+        raise TrtexecParseError(f"no timed queries (count {count}); {_EDITED}")
+
+
 def _record(gpu: Mapping[str, float], count: int, fields: Mapping[str, Any]) -> LatencyResult:
+    _check_figures(gpu, count)
     nan = math.nan
     return LatencyResult(backend="trtexec", source="trtexec", median_ms=gpu.get("median", nan),
                          mean_ms=gpu.get("mean", nan), p90_ms=gpu.get("p90", nan), p99_ms=gpu.get("p99", nan),
@@ -341,10 +357,15 @@ def _column(records: Sequence[Mapping[str, Any]], key: str) -> list[float]:
     if not records:
         raise TrtexecParseError("the --exportTimes array has no records; was the run shorter than the warm-up?")
     try:
-        return [float(r[key]) for r in records]
+        values = [float(r[key]) for r in records]
     except (KeyError, TypeError, ValueError):
         raise TrtexecParseError(f"an --exportTimes record has no numeric '{key}'; expected trtexec's "
                                 "--exportTimes output") from None
+    for i, value in enumerate(values, 1):
+        if not (math.isfinite(value) and value > 0):
+            raise TrtexecParseError(f"--exportTimes record {i} has {key} = {value:g}, not a positive time; "
+                                    f"{_EDITED}")
+    return values
 
 
 def _span(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:

@@ -95,3 +95,112 @@ def test_bad_backend_name_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit) as e:
         main(["latency", "test_convnext", "--backend", "openvino"])
     assert e.value.code == 2
+
+
+def _one_line_error(code, out, err, fragment):
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1 and lines[0].startswith("updp: error:"), err
+    assert fragment in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------- --cache that is not ours
+
+
+@pytest.mark.parametrize("command", [
+    ["latency", "import", str(FIXTURES / "trt10.16_h100pcie_onnx_build_and_run.log"), "--model", "convnext_atto"],
+    ["latency", "measure", "test_convnext", *FAST],
+], ids=["import", "measure"])
+@pytest.mark.parametrize("kind", ["csv", "directory"])
+def test_a_cache_path_that_is_not_ours_is_refused_untouched(capsys, tmp_path, command, kind):
+    path = tmp_path / ("results.csv" if kind == "csv" else "results")
+    if kind == "csv":
+        path.write_text("model,median_ms\nresnet18,1.25\n")
+    else:
+        path.mkdir()
+    code, out, err = run(capsys, *command, "--cache", str(path))
+    _one_line_error(code, out, err, "choose another --cache")
+    assert str(path) in err and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert path.read_text() == "model,median_ms\nresnet18,1.25\n" if kind == "csv" else path.is_dir()
+
+
+# ---------------------------------------------------------------- import: nothing stored unless it is sound
+
+
+def _import_file(tmp_path: Path, case: str) -> Path:
+    """A fixture, or a copy doctored the way ``case`` says."""
+    log = FIXTURES / "trt10.16_h100pcie_onnx_build_and_run.log"
+    if case == "log":
+        return log
+    path = tmp_path / f"{case}{'.log' if case.endswith('log') else '.json'}"
+    if case == "negative-median-log":
+        text = log.read_text()
+        assert text.count("median = 0.0361328 ms") == 1  # the GPU Compute Time line
+        path.write_text(text.replace("median = 0.0361328 ms", "median = -0.0361328 ms"))
+    elif case == "negative-run-export-times":
+        records = json.loads((FIXTURES / "trt10_rtx3060laptop_resnet18_fp16.exportTimes.head300.json").read_text())
+        records[5]["computeMs"] = -records[5]["computeMs"]
+        path.write_text(json.dumps(records))
+    elif case == "zero-median-metadata":
+        data = json.loads((FIXTURES / "trt10_rtx3060laptop_resnet18_fp16.profile.metadata.json").read_text())
+        data["performance_summary"]["GPU Compute Time"][3] = 0
+        path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.mark.parametrize("case, extra, fragment", [
+    ("negative-median-log", [], "median = -0.0361328 ms is not a positive time"),
+    ("negative-run-export-times", ["--device", "RTX 3060"], "record 6 has computeMs = -0.27"),
+    ("zero-median-metadata", [], "median = 0 ms is not a positive time"),
+    ("log", ["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    ("log", ["--batch-size", "-4"], "--batch-size must be a positive integer, got -4"),
+    ("log", ["--img-size", "0"], "--img-size must be a positive integer, got 0"),
+    ("log", ["--img-size", "-64"], "--img-size must be a positive integer, got -64"),
+    ("log", ["--plan", "stages.1.blocks.0,stages.9.blocks.9,head.fc"],
+     "convnext_atto has no block stages.9.blocks.9, head.fc"),
+    ("log", ["--model", "no_such_model"], "unknown model 'no_such_model'"),
+], ids=["negative-median", "negative-run", "zero-median", "batch-0", "batch-negative", "img-0", "img-negative",
+        "unknown-plan", "unknown-model"])
+def test_import_refuses_before_storing_anything(capsys, tmp_path, case, extra, fragment):
+    cache = tmp_path / "c.sqlite"
+    LatencyCache(cache)
+    code, out, err = run(capsys, "latency", "import", str(_import_file(tmp_path, case)), "--model", "convnext_atto",
+                         *extra, "--cache", str(cache))
+    _one_line_error(code, out, err, fragment)
+    assert len(LatencyCache(cache)) == 0
+
+
+def test_import_unknown_plan_says_how_to_list_blocks(capsys, tmp_path):
+    code, out, err = run(capsys, "latency", "import", str(_import_file(tmp_path, "log")), "--model", "convnext_atto",
+                         "--plan", "stages.1.blocks.0,layer1.0", "--cache", str(tmp_path / "c.sqlite"))
+    _one_line_error(code, out, err, "'updp blocks convnext_atto'")
+    assert "layer1.0" in err and "stages.1.blocks.0" not in err
+
+
+def test_import_known_plan_is_stored(capsys, tmp_path):
+    cache = tmp_path / "c.sqlite"
+    code, out, _ = run(capsys, "latency", "import", str(_import_file(tmp_path, "log")), "--model", "convnext_atto",
+                       "--plan", "stages.1.blocks.0,stages.2.blocks.1", "--cache", str(cache), "--format", "json")
+    assert code == 0 and json.loads(out)["pruned"] == ["stages.1.blocks.0", "stages.2.blocks.1"]
+    assert len(LatencyCache(cache)) == 1
+
+
+# ---------------------------------------------------------------- measure / table / calibrate: arguments first
+
+
+BAD_MEASURE_ARGS = [("--batch-size", "0"), ("--batch-size", "-1"), ("--img-size", "0"), ("--img-size", "-32"),
+                    ("--runs", "0"), ("--runs", "-5"), ("--threads", "0"), ("--threads", "-2"),
+                    ("--num-classes", "0"), ("--min-time", "0"), ("--min-time", "-1"), ("--min-time", "nan"),
+                    ("--timeout", "0"), ("--timeout", "-5"), ("--timeout", "inf")]
+
+
+@pytest.mark.parametrize("command, flag, value", [
+    *[(c, f, v) for c in ("measure", "table", "calibrate") for f, v in BAD_MEASURE_ARGS],
+    ("calibrate", "--plans", "0"), ("calibrate", "--plans", "-3"),
+])
+def test_measure_arguments_are_checked_before_any_model_is_built(capsys, tmp_path, command, flag, value):
+    # An unknown model and a missing table: had either been looked at first, the error would name them instead.
+    cache = tmp_path / "c.sqlite"
+    table = ["--table", str(tmp_path / "missing.json")] if command == "calibrate" else []
+    code, out, err = run(capsys, "latency", command, "no_such_model", *table, flag, value, "--cache", str(cache))
+    _one_line_error(code, out, err, f"{flag} must be a positive")
+    assert f"got {value}" in err and not cache.exists()

@@ -1,14 +1,17 @@
 """The persistent latency cache, its corruption handling, and PlanTimer on top of it."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sqlite3
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 
+from updp.errors import UpdpError
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import CacheKey, LatencyCache
 from updp.latency.result import failure, summarize
@@ -72,14 +75,114 @@ def test_unparseable_entry_with_valid_checksum_is_dropped(tmp_path):
         assert cache.get(KEY) is None
 
 
-def test_a_file_that_is_not_a_database_is_moved_aside(tmp_path):
+def _ours(path, entries: int = 60):
+    """A real cache of ours with a few pages of entries, all of it in the main file (no WAL left)."""
+    cache = LatencyCache(path)
+    for i in range(entries):
+        cache.put(dataclasses.replace(KEY, plan_key=f"plan{i}"), _result())
+    assert not path.with_name(path.name + "-wal").exists()
+    return path.read_bytes()
+
+
+def _refused(path, fragment):
+    before = path.read_bytes() if path.is_file() else None
+    siblings = sorted(p.name for p in path.parent.iterdir())
+    with pytest.raises(UpdpError) as info:
+        LatencyCache(path)
+    message = str(info.value)
+    assert str(path) in message and fragment in message and "choose another --cache" in message
+    assert "\n" not in message
+    assert sorted(p.name for p in path.parent.iterdir()) == siblings  # nothing moved aside, no -wal/-shm left
+    if before is not None:
+        assert path.read_bytes() == before
+
+
+def test_a_directory_is_refused(tmp_path):
+    path = tmp_path / "cachedir"
+    path.mkdir()
+    (path / "keep.txt").write_text("mine")
+    _refused(path, "directory")
+    assert (path / "keep.txt").read_text() == "mine"
+
+
+def test_an_empty_file_is_initialised(tmp_path):
     path = tmp_path / "c.sqlite"
-    path.write_bytes(b"this is not sqlite" * 100)
-    with pytest.warns(UserWarning, match="moved to"):
-        cache = LatencyCache(path)
+    path.touch()
+    cache = LatencyCache(path)
     cache.put(KEY, _result())
     assert cache.get(KEY).median_ms == 2.0
-    assert len(list(tmp_path.glob("c.sqlite.corrupt-*"))) == 1
+    assert not list(tmp_path.glob("c.sqlite.corrupt-*"))
+
+
+@pytest.mark.parametrize("content", [
+    b"model,median_ms\nresnet18,1.25\n",
+    b"this is not sqlite" * 100,
+    bytes(range(256)) * 64,
+    b"SQLite format 2\x00" + bytes(4080),
+    b"SQLite",
+], ids=["csv", "text", "binary", "other-header", "short"])
+def test_a_file_that_is_not_sqlite_is_refused_untouched(tmp_path, content):
+    path = tmp_path / "results.csv"
+    path.write_bytes(content)
+    _refused(path, "not an SQLite database")
+
+
+@pytest.mark.parametrize("schema", [
+    "CREATE TABLE results (model TEXT, median_ms REAL)",
+    "CREATE TABLE latency (model TEXT, median_ms REAL)",  # our table's name, someone else's table
+], ids=["other-table", "other-latency-table"])
+def test_someone_elses_sqlite_database_is_refused_untouched(tmp_path, schema):
+    path = tmp_path / "study.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute(schema)
+        db.execute("INSERT INTO " + schema.split()[2] + " VALUES ('resnet18', 1.25)")
+    _refused(path, "not an updp latency cache")
+
+
+def test_someone_elses_wal_database_is_refused_untouched(tmp_path):
+    path = tmp_path / "study.db"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("CREATE TABLE trials (id INTEGER)")
+    _refused(path, "not an updp latency cache")
+
+
+def test_an_unreadable_sqlite_file_that_is_not_ours_is_refused(tmp_path):
+    path = tmp_path / "other.db"
+    path.write_bytes(b"SQLite format 3\x00" + bytes(range(256)) * 32)
+    _refused(path, "cannot be read")
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[:len(data) // 2]
+
+
+def _scramble_pages(data: bytes) -> bytes:
+    """Page 1 (header and schema) intact, every later page overwritten."""
+    return data[:4096] + bytes(range(256)) * ((len(data) - 4096) // 256)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _scramble_pages])
+def test_a_damaged_cache_of_ours_is_moved_aside(tmp_path, damage):
+    path = tmp_path / "c.sqlite"
+    damaged = damage(_ours(path))
+    path.write_bytes(damaged)
+    with pytest.warns(UserWarning, match="moved to"):
+        cache = LatencyCache(path)
+    assert len(cache) == 0
+    cache.put(KEY, _result())
+    assert cache.get(KEY).median_ms == 2.0
+    aside = list(tmp_path.glob("c.sqlite.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged
+
+
+def test_a_healthy_cache_of_ours_is_kept(tmp_path):
+    path = tmp_path / "c.sqlite"
+    _ours(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(LatencyCache(path)) == 60
+    assert not list(tmp_path.glob("c.sqlite.corrupt-*"))
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):

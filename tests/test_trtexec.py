@@ -250,3 +250,53 @@ def test_summary_without_gpu_compute_time_raises(tmp_path):
 
 def test_missing_file_raises(tmp_path):
     _raises(tmp_path / "missing.log", "cannot read")
+
+
+# ---------------------------------------------------------------- impossible figures (a doctored or damaged file)
+
+
+def _gpu_line_edited(old: str, new: str) -> str:
+    """ONNX_RUN with ``old`` replaced by ``new`` in its GPU Compute Time line only."""
+    lines = _text(ONNX_RUN).splitlines(keepends=True)
+    i = next(i for i, line in enumerate(lines) if "] GPU Compute Time:" in line)
+    assert old in lines[i]
+    lines[i] = lines[i].replace(old, new)
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("old, new, fragment", [
+    ("median = 0.0361328 ms", "median = -0.0361328 ms", "median = -0.0361328 ms"),
+    ("median = 0.0361328 ms", "median = 0 ms", "median = 0 ms"),
+    ("min = 0.0331421 ms", "min = -1 us", "min = -0.001 ms"),
+    ("percentile(99%) = 0.041748 ms", "percentile(99%) = inf ms", "p99 = inf ms"),
+    ("median = 0.0361328 ms, ", "", "no median"),
+], ids=["negative-median", "zero-median", "negative-min", "infinite-p99", "no-median"])
+def test_log_with_impossible_gpu_compute_times_raises(tmp_path, old, new, fragment):
+    path = tmp_path / "doctored.log"
+    path.write_text(_gpu_line_edited(old, new), encoding="utf-8")
+    _raises(path, fragment)
+
+
+def test_log_with_zero_throughput_raises(tmp_path):
+    path = tmp_path / "zero.log"
+    path.write_text("[I] === Performance summary ===\n[I] Throughput: 0 qps\n"
+                    "[I] GPU Compute Time: min = 0.9 ms, max = 1.5 ms, mean = 1 ms, median = 0.99 ms\n"
+                    "[I] Total Host Walltime: 2 s\n", encoding="utf-8")
+    _raises(path, "no timed queries")
+
+
+@pytest.mark.parametrize("value", [-0.27832, 0.0, "NaN"])
+def test_export_times_with_impossible_per_run_times_raise(tmp_path, value):
+    records = json.loads(_text(EXPORT_TIMES))
+    records[5]["computeMs"] = value
+    path = tmp_path / "doctored.json"
+    path.write_text(json.dumps(records), encoding="utf-8")
+    _raises(path, "record 6 has computeMs")
+
+
+def test_profile_metadata_with_a_negative_median_raises(tmp_path):
+    data = json.loads(_text(METADATA))
+    data["performance_summary"]["GPU Compute Time"][3] = -0.276855
+    path = tmp_path / "doctored.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    _raises(path, "median = -0.276855 ms")

@@ -98,6 +98,33 @@ def rewrite_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+_COUNTS = ("batch_size", "img_size", "runs", "threads", "num_classes", "plans")
+_SECONDS = ("min_time", "timeout")
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    """Counts and times that cannot be zero or negative, refused before any file is read or model built."""
+    for name in _COUNTS + _SECONDS:
+        value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
+        if value is None or (value > 0 and math.isfinite(value)):
+            continue
+        kind = "number of seconds" if name in _SECONDS else "integer"
+        raise UpdpError(f"{flag} must be a positive {kind}, got {value:g}; pass {flag} with a value above 0 "
+                        "or leave it out for the default")
+
+
+def _check_plan(model_name: str, model, names: list[str]) -> None:
+    """Every block a plan names exists in the model (block names do not depend on the input size)."""
+    from updp.errors import PlanError
+    from updp.pruner import default_input_size, find_blocks
+
+    known = {b.name for b in find_blocks(model, default_input_size(model), costed=False).blocks}
+    unknown = [n for n in dict.fromkeys(names) if n not in known]
+    if unknown:
+        raise PlanError(f"--plan: {model_name} has no block {', '.join(unknown)}; list its blocks with "
+                        f"'updp blocks {model_name}'")
+
+
 def _cache(args: argparse.Namespace):
     from updp.latency.cache import LatencyCache
 
@@ -147,6 +174,7 @@ def _emit(result, fmt: str, **extra) -> int:
 def cmd_measure(args: argparse.Namespace) -> int:
     from updp.pruner.plan import parse_plan
 
+    _check_positive(args)
     timer = _timer(args)
     pruned = parse_plan(args.plan) if args.plan else []
     return _emit(timer.measure(pruned), args.format, model=args.model, pruned=sorted(pruned))
@@ -158,18 +186,21 @@ def cmd_import(args: argparse.Namespace) -> int:
     from updp.pruner import PruningPlan, create_model, default_input_size
     from updp.pruner.plan import parse_plan
 
-    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("precision", args.precision)) if v}
-    if args.img_size:
+    _check_positive(args)
+    overrides = {k: v for k, v in (("batch_size", args.batch_size), ("precision", args.precision)) if v is not None}
+    if args.img_size is not None:
         overrides["input_shape"] = (3, args.img_size, args.img_size)
     result = parse_file(args.file, **overrides)
+    model = create_model(args.model)
+    names = parse_plan(args.plan) if args.plan else []
+    _check_plan(args.model, model, names)
+    pruned = frozenset(names)
     if not result.input_shape:  # not in the file: the model's own input size
-        shape = default_input_size(create_model(args.model), args.img_size)
-        result = _replace(result, input_shape=tuple(shape))
+        result = _replace(result, input_shape=tuple(default_input_size(model, args.img_size)))
     device = args.device or result.context.get("device")
     if not device:
         raise UpdpError(f"'{args.file}' names no device; pass --device NAME")
     result = _replace(result, context={**result.context, "device": device})
-    pruned = frozenset(parse_plan(args.plan)) if args.plan else frozenset()
     version = str(result.context.get("tensorrt_version", "unknown"))
     key = CacheKey(PruningPlan(args.model, pruned).key, args.model, tuple(result.input_shape), result.batch_size,
                    result.precision, "trtexec", device, (("tensorrt", version),))
@@ -197,6 +228,7 @@ def _blocks(model: str, img_size: int | None, num_classes: int | None) -> list[s
 def cmd_table(args: argparse.Namespace) -> int:
     from updp.latency.table import build_table
 
+    _check_positive(args)
     timer = _timer(args)
     blocks = _blocks(args.model, args.img_size, args.num_classes)
     print(f"timing the baseline and {len(blocks)} single-block plans, interleaved...", file=sys.stderr)
@@ -213,6 +245,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from updp.fileio import atomic_path
     from updp.latency.table import LatencyTable, calibrate, error_summary, random_plans
 
+    _check_positive(args)
     table = LatencyTable.load(args.table)
     timer = _timer(args)
     plans = random_plans(list(table.saved_frac), args.plans, args.seed)
