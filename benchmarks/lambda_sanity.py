@@ -15,7 +15,7 @@ import pandas as pd
 
 from common import write_results
 from updp.config import from_dict
-from updp.data import first_images, load_splits
+from updp.data import fixed_batches, load_splits
 from updp.pruner import create_model
 from updp.pruner.checkpoint import load_state, raw_state_dict, read_file
 from updp.progressive import train_plan
@@ -37,7 +37,7 @@ def main() -> None:
     splits = load_splits(args.data, 32)
     baseline = create_model("convnext_atto", len(splits.classes))
     load_state(baseline, raw_state_dict(read_file(args.baseline)), args.baseline)
-    val = first_images(splits.val, len(splits.val))
+    val = fixed_batches(splits.val, len(splits.val))
     cfg = from_dict(RunConfig, {"model": "convnext_atto", "data": {"root": args.data},
                                 "train": {"epochs": args.epochs, "lr": 1e-3}})
     rows = [{"schedule": "baseline (unpruned)", "val_top1": evaluate(baseline, val)["top1"]}]
@@ -46,7 +46,7 @@ def main() -> None:
         run.mkdir(parents=True, exist_ok=True)
         c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lambda_end_frac=frac))
         student = train_plan(copy.deepcopy(baseline), PLAN, splits, c, run, desc=f"lambda_end {frac}")
-        recalibrate_bn(student, first_images(splits.train_eval, 1024))
+        recalibrate_bn(student, fixed_batches(splits.train_eval, 1024))
         rows.append({"schedule": name, "val_top1": evaluate(student, val)["top1"]})
     write_results("lambda_sanity", pd.DataFrame(rows), "Lambda-schedule sanity (convnext_atto, CIFAR-10 subset)",
                   f"Plan: {', '.join(PLAN)} (6 of 12 blocks). Both runs: {args.epochs} epochs, AdamW lr 1e-3 cosine, "

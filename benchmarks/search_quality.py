@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import RESULTS, write_results
 from updp.config import from_dict
-from updp.data import first_images
+from updp.data import fixed_batches
 from updp.pruner import apply_plan
 from updp.search import runner
 from updp.search import study as st
@@ -65,8 +65,8 @@ def finetune_top1(baseline: torch.nn.Module, plan: frozenset[str], inp, steps: i
     ckpt.unlink(missing_ok=True)
     Trainer(student, TrainConfig(epochs=epochs, lr=5e-4), inp.splits.train, step, ckpt, desc="finetune").fit()
     ckpt.unlink(missing_ok=True)
-    recalibrate_bn(student, first_images(inp.splits.train_eval, 512))
-    return evaluate(student, first_images(inp.splits.val, 1000))["top1"]
+    recalibrate_bn(student, fixed_batches(inp.splits.train_eval, 512))
+    return evaluate(student, fixed_batches(inp.splits.val, 1000))["top1"]
 
 
 def main() -> None:
@@ -86,10 +86,10 @@ def main() -> None:
     timer = runner._timer(inp)
     table = runner.latency_table(inp, timer)
     baseline = runner.baseline_model(inp)
-    baseline_top1 = evaluate(baseline, first_images(inp.splits.val, 1000))["top1"]
+    baseline_top1 = evaluate(baseline, fixed_batches(inp.splits.val, 1000))["top1"]
     supernet = runner.train_supernet(inp, copy.deepcopy(baseline))
-    calib = first_images(inp.splits.train_eval, cfg.data.calib_images)
-    held = first_images(inp.splits.held_out, cfg.data.eval_images)
+    calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images)
+    held = fixed_batches(inp.splits.held_out, cfg.data.eval_images)
     names = inp.space.names
 
     exhaustive_csv = run_dir / "exhaustive.csv"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from updp.pruner.cost import count_macs, count_params
+from updp.pruner.models import InputSizeError, default_input_size
 from updp.pruner.registry import family_for, qualified_name
 from updp.pruner.spec import BlockSpec
 
@@ -55,10 +56,20 @@ def _record_inputs(model: nn.Module, input_size: tuple[int, int, int]) -> dict[s
     try:
         with torch.no_grad():
             model(torch.randn(1, *input_size, dtype=param.dtype, device=param.device))
+    except Exception as e:  # noqa: BLE001 - a model rejects a size it cannot take in many ways
+        raise _size_error(model, input_size, e) from e
     finally:
         for h in hooks:
             h.remove()
     return seen
+
+
+def _size_error(model: nn.Module, input_size: tuple[int, int, int], e: Exception) -> InputSizeError:
+    detail = (str(e).strip().splitlines() or [""])[0][:200]
+    own = "x".join(map(str, default_input_size(model)))
+    return InputSizeError(f"the model cannot take a {'x'.join(map(str, input_size))} input, too small or not "
+                          f"a size it accepts ({type(e).__name__}: {detail}); pass another --img-size, "
+                          f"or omit it to use the model's own input size {own}")
 
 
 def _merged_cost(block: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -82,15 +93,27 @@ def _spec(name: str, block: nn.Module, x: torch.Tensor, costed: bool) -> BlockSp
                                merged_macs=merged_macs, merged_params=merged_params)
 
 
+def _is_container(module: nn.Module) -> bool:
+    """A Sequential/ModuleList/ModuleDict, or a module whose children share one class (RegNet's b1, b2, ...)."""
+    if isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return True
+    return len({type(c) for c in module.children()}) == 1
+
+
 def _other_block_classes(model: nn.Module) -> dict[str, int]:
-    """Classes of the elements of Sequential/ModuleList containers no family handles."""
-    counts: Counter = Counter()
-    for module in model.modules():
-        if isinstance(module, (nn.Sequential, nn.ModuleList)):
-            for child in module.children():
-                if family_for(child) is None and len(list(child.children())) >= 2:
-                    counts[qualified_name(type(child))] += 1
-    return dict(counts)
+    """Classes of the blocks no family handles: non-container elements of containers.
+
+    An element holding a registered block or another such element is a stage,
+    not a block (a ConvNeXt stage wraps its blocks).
+    """
+    candidates = [child for module in model.modules() if _is_container(module) for child in module.children()
+                  if family_for(child) is None and not _is_container(child) and len(list(child.children())) >= 2]
+    ids = {id(c) for c in candidates}
+
+    def holds_block(m: nn.Module) -> bool:
+        return any(id(d) in ids or family_for(d) is not None for d in list(m.modules())[1:])
+
+    return dict(Counter(qualified_name(type(c)) for c in candidates if not holds_block(c)))
 
 
 def find_blocks(model: nn.Module, input_size: tuple[int, int, int], costed: bool = True) -> Discovery:

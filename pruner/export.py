@@ -4,6 +4,10 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +18,7 @@ from torch import nn
 
 from updp.errors import PlanError, UpdpError
 from updp.fileio import write_json
-from updp.onnx_export import export_onnx, run_onnx
+from updp.onnx_export import ExportError, export_onnx, run_onnx
 from updp.pruner.checkpoint import (Checkpoint, is_updp_checkpoint, load_checkpoint, load_state, raw_state_dict,
                                     read_file, save_checkpoint)
 from updp.pruner.cost import count_macs, count_params
@@ -101,10 +105,61 @@ def _merge_errors(subnet: nn.Module, input_size: tuple[int, int, int]) -> dict:
     return out
 
 
+def _export(merged: nn.Module, input_size: tuple[int, int, int], own_size: tuple[int, int, int], path: Path) -> None:
+    try:
+        export_onnx(merged, (1, *input_size), path)
+    except ExportError as e:
+        if tuple(input_size) == tuple(own_size):
+            raise
+        # ViTs resample their position embeddings (bicubic, antialiased) off their own size.
+        raise ExportError(f"{e}; at the model's own input size {'x'.join(map(str, own_size))} it may export: "
+                          "omit --img-size") from e
+
+
+def check_out_dir(out: Path) -> None:
+    """Fail before any work where ``out`` cannot be a directory (it or a parent is a file)."""
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UpdpError(f"--out '{out}': '{path}' is an existing file, not a directory; "
+                                "pass a directory path (it is created if missing)")
+            return
+
+
+@contextmanager
+def staged_outputs(out: Path) -> Iterator[Path]:
+    """A scratch folder inside ``out`` whose files move into ``out`` only if the block succeeds.
+
+    On failure the scratch folder goes, and so do ``out`` and any parents this
+    call created: all outputs or none.
+    """
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=".merge-", dir=out))
+    except OSError as e:
+        raise UpdpError(f"cannot create --out '{out}' ({e.strerror}); pass a writable directory") from None
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+        for path in created:  # innermost first; empty unless the files moved in
+            with suppress(OSError):
+                path.rmdir()
+
+
 def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, checkpoint: str | None = None,
                      img_size: int | None = None, allow_costlier: bool = False,
                      num_classes: int | None = None) -> dict:
-    """Merge ``pruned`` blocks of a model and write ``merged.pt``, ``merged.onnx`` and ``merge.json``."""
+    """Merge ``pruned`` blocks of a model and write ``merged.pt``, ``merged.onnx`` and ``merge.json``.
+
+    Everything is computed and checked before the three files appear in
+    ``out_dir`` together; a failure leaves ``out_dir`` as it was.
+    """
+    out = Path(out_dir)
+    check_out_dir(out)
     loaded = load_model(spec, checkpoint, num_classes)
     pruned = list(dict.fromkeys([*loaded.pruned, *pruned]))
     # A pruned checkpoint's own model has its blocks wrapped: cost the plain architecture.
@@ -114,19 +169,18 @@ def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, c
     subnet = apply_plan(copy.deepcopy(loaded.model), pruned, lam=0.0).eval()
     merged = merge_model(subnet)
     x = torch.randn(1, *input_size)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out / "merged.pt", Checkpoint(merged, loaded.name, loaded.num_classes, pruned, "merged",
-                                                  {"input_size": list(input_size)}))
-    export_onnx(merged, (1, *input_size), out / "merged.onnx")
-    report = {
-        "model": loaded.name, "pruned": pruned, "input_size": list(input_size),
-        "params_before": count_params(original), "params_after": count_params(merged),
-        "macs_before": count_macs(original, x), "macs_after": count_macs(merged, x),
-        **_merge_errors(subnet, input_size),
-        "onnx_max_abs_diff": _onnx_check(merged, out / "merged.onnx", input_size),
-        "context": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-                    "device": "cpu", "diff_inputs": "random normal, batch 2, BN statistics randomized"},
-    }
-    write_json(out / "merge.json", report)
+    with staged_outputs(out) as stage:
+        _export(merged, input_size, default_input_size(original), stage / "merged.onnx")  # fails fastest
+        report = {
+            "model": loaded.name, "pruned": pruned, "input_size": list(input_size),
+            "params_before": count_params(original), "params_after": count_params(merged),
+            "macs_before": count_macs(original, x), "macs_after": count_macs(merged, x),
+            **_merge_errors(subnet, input_size),
+            "onnx_max_abs_diff": _onnx_check(merged, stage / "merged.onnx", input_size),
+            "context": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+                        "device": "cpu", "diff_inputs": "random normal, batch 2, BN statistics randomized"},
+        }
+        save_checkpoint(stage / "merged.pt", Checkpoint(merged, loaded.name, loaded.num_classes, pruned, "merged",
+                                                        {"input_size": list(input_size)}))
+        write_json(stage / "merge.json", report)
     return report

@@ -6,7 +6,11 @@ import difflib
 import timm
 from torch import nn
 
-from updp.errors import UnknownModelError
+from updp.errors import UnknownModelError, UpdpError
+
+
+class InputSizeError(UpdpError):
+    """An input size that is not positive, or that the model cannot take."""
 
 
 def create_model(name: str, num_classes: int | None = None) -> nn.Module:
@@ -23,4 +27,9 @@ def default_input_size(model: nn.Module, img_size: int | None = None) -> tuple[i
     """``(C, H, W)`` from the model's pretrained config, or a square ``img_size``."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     chans, h, w = cfg.get("input_size", (3, 224, 224))
-    return (chans, img_size, img_size) if img_size else (chans, h, w)
+    if img_size is None:
+        return chans, h, w
+    if img_size < 1:
+        raise InputSizeError(f"--img-size must be a positive number of pixels, got {img_size}; "
+                             f"omit it to use the model's own input size {chans}x{h}x{w}")
+    return chans, img_size, img_size

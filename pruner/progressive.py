@@ -100,10 +100,11 @@ class ProgressiveBlock(nn.Module, abc.ABC):
         self.family_name = family.name
         self.lam = 1.0
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        # kwargs: what the model passes its blocks besides x (a ViT's attn_mask).
         if self.lam >= 1.0:
-            return self.block(x)
-        return self.forward_pruned(x, float(self.lam))
+            return self.block(x, **kwargs)
+        return self.forward_pruned(x, float(self.lam), **kwargs)
 
     @abc.abstractmethod
     def forward_pruned(self, x: torch.Tensor, lam: float) -> torch.Tensor:

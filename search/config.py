@@ -1,7 +1,9 @@
-"""The search run's configuration (YAML file and CLI flags map onto it)."""
+"""The search run's configuration (YAML file and CLI flags map onto it), and its checks."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from updp.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class SearchConfig:
     seed: int = 0
     latency_budget_ms: float | None = None
     target_speedup: float | None = None
+    # budget = baseline - F * (baseline - most-pruned plan), both from the latency table: reachable on any machine
+    budget_frac: float | None = None
     keep: list[str] = field(default_factory=list)
     max_per_stage: int | None = None
     finetune_steps: int = 0
@@ -82,3 +86,64 @@ class RunConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainPlanConfig = field(default_factory=TrainPlanConfig)
+
+
+SAMPLERS = ("nsga2", "tpe")
+SPACES = ("blocks", "stages")
+LATENCY_MODES = ("measure", "table", "hybrid")
+SCHEDULES = ("linear", "cosine")
+
+
+def _check(ok: bool, key: str, value, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {want}, got {value!r} (flag --{key.split('.')[-1].replace('_', '-')} "
+                          f"or config key '{key}')")
+
+
+def _positive(cfg, keys: str, strict: bool = True, optional: bool = False) -> None:
+    for key in keys.split():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if optional and value is None:
+            continue
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 if strict else value >= 0)
+        _check(ok, key, value, "a positive number" if strict else "zero or more")
+
+
+def _choice(key: str, value, choices) -> None:
+    _check(value in choices, key, value, f"one of {', '.join(choices)}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Every value checked before any long work: a bad one is a ConfigError naming the key."""
+    from updp.latency.backends import NAMES
+    from updp.latency.base import PRECISIONS
+
+    _positive(cfg, "data.img_size data.batch_size data.calib_images data.eval_images baseline.lr supernet.lr "
+                   "latency.batch_size latency.runs search.trials train.lr supernet.kd_temperature "
+                   "train.kd_temperature")
+    _positive(cfg, "baseline.epochs supernet.epochs train.epochs supernet.random_plans latency.verify_top "
+                   "search.finetune_steps train.stagger_frac", strict=False)
+    _positive(cfg, "num_classes latency.img_size latency.threads search.max_per_stage search.latency_budget_ms",
+              optional=True)
+    _choice("search.sampler", cfg.search.sampler, SAMPLERS)
+    _choice("search.space", cfg.search.space, SPACES)
+    _choice("latency.mode", cfg.latency.mode, LATENCY_MODES)
+    _choice("latency.backend", cfg.latency.backend, NAMES)
+    _choice("latency.precision", cfg.latency.precision, PRECISIONS)
+    _choice("train.schedule", cfg.train.schedule, SCHEDULES)
+    t, s = cfg.train, cfg.search
+    _check(0 < t.lambda_end_frac <= 1, "train.lambda_end_frac", t.lambda_end_frac, "in (0, 1]")
+    _check(t.stagger_frac < 1, "train.stagger_frac", t.stagger_frac, "below 1")
+    for key, a in (("train.kd_alpha", t.kd_alpha), ("supernet.kd_alpha", cfg.supernet.kd_alpha)):
+        _check(0 <= a <= 1, key, a, "in [0, 1]")
+    _check(s.target_speedup is None or s.target_speedup >= 1, "search.target_speedup", s.target_speedup,
+           "at least 1 (e.g. 1.3 for a 1.3x faster model)")
+    _check(s.budget_frac is None or 0 < s.budget_frac <= 1, "search.budget_frac", s.budget_frac, "in (0, 1]")
+    budgets = [k for k, v in (("latency_budget_ms", s.latency_budget_ms), ("target_speedup", s.target_speedup),
+                              ("budget_frac", s.budget_frac)) if v is not None]
+    if len(budgets) > 1:
+        raise ConfigError(f"give one latency budget, not {' and '.join(budgets)}")
+    if t.plan is not None and not t.plan:
+        raise ConfigError("train.plan is empty: name at least one block (see 'updp blocks MODEL') or leave it unset")

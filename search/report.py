@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from updp.fileio import atomic_path, write_text
 
 COLUMNS = ["trial", "state", "score", "latency_ms", "latency_source", "n_pruned", "pruned", "loss",
-           "predicted_latency_ms", "feasible", "score_s", "latency_s", "fail_reason"]
+           "predicted_latency_ms", "feasible", "score_s", "latency_s", "fail_reason", "duplicate_of"]
 
 
 def trials_frame(study: optuna.Study, budget_ms: float | None = None) -> pd.DataFrame:
@@ -28,7 +28,8 @@ def trials_frame(study: optuna.Study, budget_ms: float | None = None) -> pd.Data
             "n_pruned": a.get("n_pruned"), "pruned": ";".join(a.get("pruned", [])), "loss": a.get("loss"),
             "predicted_latency_ms": a.get("latency_ms") if a.get("latency_source") == "predicted" else None,
             "feasible": bool(done and (budget_ms is None or (latency is not None and latency <= budget_ms))),
-            "score_s": a.get("score_s"), "latency_s": a.get("latency_s"), "fail_reason": a.get("fail_reason")})
+            "score_s": a.get("score_s"), "latency_s": a.get("latency_s"),
+            "fail_reason": a.get("fail_reason") or a.get("dropped"), "duplicate_of": a.get("duplicate_of")})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
@@ -100,12 +101,16 @@ def write_report(run_dir: Path, study: optuna.Study, context: dict, budget_ms: f
          "accuracy vs latency", ctx_line, budget_ms)
     best = best_under_budget(front, budget_ms)
     write_text(run_dir / "report.md", _markdown(df, front, best, context, budget_ms))
-    return {"best": None if best is None else best.to_dict(), "front": len(front), "trials": len(df)}
+    states = df.state.value_counts()
+    return {"best": None if best is None else best.to_dict(), "front": len(front), "trials": len(df),
+            **{state.lower(): int(states.get(state, 0)) for state in ("COMPLETE", "FAIL", "PRUNED")}}
 
 
 def _markdown(df, front, best, context, budget_ms) -> str:
     done = df[df.state == "COMPLETE"]
     failed = df[df.state == "FAIL"]
+    pruned = df[df.state == "PRUNED"]
+    repeats = int(pruned.duplicate_of.notna().sum())
     lines = [f"# updp search report: {context.get('model')}", "", "## Context", ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
     lines += ["", "## Best plan under the budget", ""]
@@ -120,7 +125,8 @@ def _markdown(df, front, best, context, budget_ms) -> str:
     lines += ["", "## Pareto front", "", "![Pareto front](pareto.png)", "",
               _md_table(front[["trial", "score", "latency_ms", "latency_source", "n_pruned", "pruned"]]), "",
               "## Trials", "",
-              f"- completed: {len(done)}, failed: {len(failed)}, total: {len(df)}",
+              f"- completed: {len(done)}, failed: {len(failed)}, pruned: {len(pruned)} ({repeats} repeated plans "
+              f"not scored again), total: {len(df)}",
               f"- mean seconds per trial: scoring {done.score_s.mean():.3g}, latency {done.latency_s.mean():.3g}"]
     if not failed.empty:
         lines += ["", "Failed trials:", ""] + [f"- trial {int(r.trial)}: {r.fail_reason}" for r in failed.itertuples()]

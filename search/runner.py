@@ -9,20 +9,20 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 import torch
-from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from tqdm import tqdm
 
-from updp.config import ConfigError, load_yaml, write_yaml
-from updp.data import first_images, load_splits
-from updp.errors import UpdpError
-from updp.fileio import write_json
+from updp.config import ConfigError, load_yaml, override, write_yaml
+from updp.data import fixed_batches, load_splits
+from updp.errors import UpdpError, warn
+from updp.fileio import remove_stale_tmp, write_json
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import LatencyCache
 from updp.latency.table import LatencyTable, build_table, ratio
@@ -30,7 +30,7 @@ from updp.plan_latency import PlanTimer
 from updp.pruner import create_model, find_blocks
 from updp.pruner.checkpoint import load_state, raw_state_dict, read_file
 from updp.search import study as st
-from updp.search.config import RunConfig
+from updp.search.config import RunConfig, validate
 from updp.search.report import write_report
 from updp.search.scoring import score_plan
 from updp.search.space import SearchSpace
@@ -55,13 +55,19 @@ def _check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
         raise ConfigError("no model given: pass --model NAME or set 'model' in the config")
     if not cfg.data.root:
         raise ConfigError("no dataset given: pass --data DIR or set 'data.root' in the config")
-    if cfg.latency.mode not in ("measure", "table", "hybrid"):
-        raise ConfigError(f"unknown latency mode '{cfg.latency.mode}'; use measure, table or hybrid")
-    if cfg.search.latency_budget_ms and cfg.search.target_speedup:
-        raise ConfigError("give either a latency budget or a target speedup, not both")
+    validate(cfg)
     splits = load_splits(cfg.data.root, cfg.data.img_size)
     num_classes = cfg.num_classes or len(splits.classes)
+    if num_classes < len(splits.classes):
+        raise ConfigError(f"num_classes {num_classes} is smaller than the {len(splits.classes)} classes of "
+                          f"'{cfg.data.root}'; drop --num-classes or pass at least {len(splits.classes)}")
+    if len(splits.train) < cfg.data.batch_size:
+        raise ConfigError(f"'{cfg.data.root}' has {len(splits.train)} training images (after holding out every "
+                          f"10th for scoring), fewer than the batch size {cfg.data.batch_size}; pass "
+                          f"--batch-size {max(1, len(splits.train))} or smaller")
     model = create_model(cfg.model, num_classes)
+    if cfg.checkpoint and not cfg.pretrained:
+        load_state(model, raw_state_dict(read_file(cfg.checkpoint)), cfg.checkpoint)
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, cfg.data.img_size, cfg.data.img_size))
@@ -71,19 +77,31 @@ def _check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
     if not blocks:
         raise UpdpError(f"{cfg.model} has no prunable block (see 'updp blocks {cfg.model}')")
     space = SearchSpace.build(blocks, cfg.search.keep, cfg.search.max_per_stage)
-    storage = st.open_storage(cfg.search.storage, run_dir)
+    url = st.storage_url(cfg.search.storage)
+    if url and ":***@" in url:
+        raise ConfigError("the run's storage URL was saved without its password; pass --storage URL again, or "
+                          "set UPDP_STORAGE, or write the password as ${VAR} in the URL")
+    storage = st.open_storage(url, run_dir)
     return Inputs(cfg, run_dir, splits, space, storage, num_classes)
 
 
 @contextlib.contextmanager
 def _exclusive(run_dir: Path):
-    """One process at a time trains the baseline and supernet; other workers wait here."""
-    with open(run_dir / ".train.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One process at a time trains the baseline and supernet; other workers wait here.
+
+    The lock file is never truncated and never followed through a symbolic link.
+    """
+    path = run_dir / ".train.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise UpdpError(f"cannot open the run's lock file '{path}' ({e.strerror}); it must be a plain file, "
+                        "not a link: remove it and retry") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def baseline_model(inp: Inputs) -> torch.nn.Module:
@@ -91,15 +109,22 @@ def baseline_model(inp: Inputs) -> torch.nn.Module:
     cfg = inp.cfg
     if cfg.pretrained and not cfg.checkpoint:
         return _pretrained(cfg.model, inp.num_classes)
-    model = create_model(cfg.model, inp.num_classes)
+    model = seeded_model(cfg.model, inp.num_classes, cfg.search.seed)
     if cfg.checkpoint:
         load_state(model, raw_state_dict(read_file(cfg.checkpoint)), cfg.checkpoint)
         return model
     tc = TrainConfig(epochs=cfg.baseline.epochs, batch_size=cfg.data.batch_size, lr=cfg.baseline.lr)
     Trainer(model, tc, inp.splits.train, ce_step(model), inp.run_dir / "baseline.pt",
-            val_batches=first_images(inp.splits.val, 1000), metrics_csv=inp.run_dir / "baseline_metrics.csv",
+            val_batches=fixed_batches(inp.splits.val, 1000, cfg.search.seed), metrics_csv=inp.run_dir / "baseline_metrics.csv",
             desc="baseline").fit()
     return model
+
+
+def seeded_model(name: str, num_classes: int, seed: int) -> torch.nn.Module:
+    """The model's initial weights depend on the seed alone, not on what ran before in the process."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return create_model(name, num_classes)
 
 
 def _pretrained(name: str, num_classes: int) -> torch.nn.Module:
@@ -131,16 +156,27 @@ def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:
 
 
 def budget(inp: Inputs, table: LatencyTable) -> float | None:
-    """The latency budget in ms; an impossible one is an error before any training."""
+    """The latency budget in ms; an impossible one is an error before any training.
+
+    ``budget_frac`` places the budget inside the range the table measured (between the
+    baseline and the most-pruned allowed plan), so it is reachable on any machine.
+    """
     s = inp.cfg.search
+    floor = table.predict(inp.space.repair(set(inp.space.names)))
+    if s.budget_frac is not None:
+        if floor >= table.baseline_ms:
+            warn(f"the latency table measured no saving (most-pruned plan {floor:.4g} ms, baseline "
+                 f"{table.baseline_ms:.4g} ms): searching without a budget")
+            return None
+        return table.baseline_ms - s.budget_frac * (table.baseline_ms - floor)
     ms = s.latency_budget_ms or (table.baseline_ms / s.target_speedup if s.target_speedup else None)
     if ms is None:
         return None
-    floor = table.predict(inp.space.repair(set(inp.space.names)))
     if floor > ms:
         raise UpdpError(f"impossible budget: {ms:.4g} ms, but even the most-pruned allowed plan is predicted at "
                         f"{floor:.4g} ms (baseline {table.baseline_ms:.4g} ms); relax the budget, "
-                        "allow more blocks per stage or keep fewer")
+                        "allow more blocks per stage, keep fewer, or give --budget-frac F (a fraction of the "
+                        "measured range)")
     return ms
 
 
@@ -178,10 +214,12 @@ def _progress(total: int):
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         bar.n = min(done, total)
         bar.refresh()
+        a = trial.user_attrs
         if trial.state == TrialState.COMPLETE:
-            a = trial.user_attrs
             bar.write(f"trial {trial.number:4d}: top-1 {trial.values[0]:6.2f} %  latency {trial.values[1]:8.4f} ms "
                       f"({a.get('latency_source')})  pruned {a.get('n_pruned')}")
+        elif "duplicate_of" in a:
+            bar.write(f"trial {trial.number:4d}: same plan as trial {a['duplicate_of']}, not scored again")
         else:
             bar.write(f"trial {trial.number:4d}: {trial.state.name} {trial.user_attrs.get('fail_reason', '')}")
     return callback, bar
@@ -224,12 +262,27 @@ def stage(run_dir: Path, name: str):
         write_json(path, timings)
 
 
-def run_search(cfg: RunConfig, run_dir: Path) -> dict:
+def save_config(run_dir: Path, cfg: RunConfig) -> None:
+    """``config.yaml`` of the run, with any literal password of the storage URL masked."""
+    storage = cfg.search.storage
+    if storage and st.redact_url(storage) != storage:
+        warn("the storage URL's password is not saved in config.yaml; to resume, pass --storage again "
+             "or use ${VAR} / UPDP_STORAGE")
+        cfg = override(cfg, {"search.storage": st.redact_url(storage)})
+    write_yaml(run_dir / "config.yaml", cfg)
+
+
+def prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.search.seed)  # model initialisation and everything after it are reproducible
+    for path in remove_stale_tmp(run_dir):
+        print(f"updp: removed '{path}', left by a process killed while writing", flush=True)
+
+
+def run_search(cfg: RunConfig, run_dir: Path) -> dict:
+    prepare_run_dir(run_dir)
     with stage(run_dir, "checks"):
         inp = _check_inputs(cfg, run_dir)
-        write_yaml(run_dir / "config.yaml", cfg)
+        save_config(run_dir, cfg)
         timer = _timer(inp)
     with _exclusive(run_dir):
         with stage(run_dir, "latency_table"):
@@ -240,24 +293,30 @@ def run_search(cfg: RunConfig, run_dir: Path) -> dict:
         with stage(run_dir, "supernet"):
             supernet = train_supernet(inp, model)
     s = cfg.search
-    sampler = st.make_sampler(s.sampler, s.seed, s.trials)
+    worker = st.worker_slot(run_dir)
+    sampler = st.make_sampler(s.sampler, s.seed, s.trials, worker)
     study = st.open_study(inp.storage, s.study_name, sampler)
     st.seed_study(study, inp.space, s.space)
-    st.fail_stale_trials(study)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= s.trials:
         print(f"updp: nothing to do: the study already has {done} completed trials (asked for {s.trials}); "
               "pass --trials N to add more", flush=True)
+        st.finish_study(study, s.trials)
     else:
-        calib = first_images(inp.splits.train_eval, cfg.data.calib_images)
-        held = first_images(inp.splits.held_out, cfg.data.eval_images)
+        calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed)
+        held = fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed)
         scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps)  # noqa: E731
         objective = st.Objective(inp.space, s.space, scorer, PlanLatency(cfg.latency.mode, timer, table), budget_ms)
         callback, bar = _progress(s.trials)
+        if worker:
+            print(f"updp: worker {worker} joins the study (sampler seed {st.worker_seed(s.seed, worker)})", flush=True)
         with stage(run_dir, "search"):
-            study.optimize(objective, catch=(st.CandidateFailed,), gc_after_trial=False,
-                           callbacks=[MaxTrialsCallback(s.trials, states=(TrialState.COMPLETE,)), callback])
-        bar.close()
+            try:
+                counts = st.optimize(study, objective, s.trials, callbacks=[callback])
+            finally:
+                bar.close()
+        print(f"updp: search: {counts['complete']} trials complete, {counts['fail']} failed, {counts['pruned']} "
+              f"pruned ({counts['duplicates_skipped']} repeated plans not scored again)", flush=True)
     if cfg.latency.mode == "hybrid":
         with stage(run_dir, "verify_front"):
             verify_front(inp, study, timer, table)
@@ -290,7 +349,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
 def report_only(run_dir: Path) -> dict:
     """``updp report RUN``: rebuild the report from the run's study and saved context."""
     cfg = load_run_config(run_dir)
-    storage = st.open_storage(cfg.search.storage, run_dir)
+    storage = st.open_storage(st.storage_url(cfg.search.storage), run_dir)
     try:
         study = optuna.load_study(study_name=cfg.search.study_name, storage=storage)
     except KeyError:

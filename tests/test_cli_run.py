@@ -49,6 +49,8 @@ def test_run_whole_pipeline_then_rerun_is_a_no_op(capsys, tmp_path):
         np.testing.assert_allclose(got, merged(x).numpy(), rtol=1e-3, atol=1e-4)
     code, out, _ = run(capsys, "run", *SHORT, "--run", run_dir)
     assert code == 0 and "nothing to do" in out
+    code, out, err = run(capsys, "train", "--run", run_dir)  # the README's form: the run's own config
+    assert code == 0 and "nothing to do" in out, err
     code, out, _ = run(capsys, "report", run_dir)
     assert code == 0 and "## Final model" in (run_dir / "report.md").read_text()
 

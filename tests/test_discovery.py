@@ -222,3 +222,47 @@ def test_input_size_is_recorded_and_changes_costs():
     small, large = find_blocks(model, (3, 32, 32)), find_blocks(model, (3, 64, 64))
     assert (small.input_size, large.input_size) == ((3, 32, 32), (3, 64, 64))
     assert [4 * b.macs for b in small.blocks] == [b.macs for b in large.blocks]
+
+
+# --- blocks a family knows by class but cannot merge, and blocks of no family ----------------------
+
+def test_blocks_with_group_norm_are_unsupported_not_a_crash():
+    blocks = find_blocks(create_model("resnet50_gn"), (3, 32, 32)).blocks
+    assert len(blocks) == 16 and all(b.family == "resnet_bottleneck" for b in blocks)
+    assert all(not b.supported and "GroupNorm" in b.reason and "BatchNorm" in b.reason for b in blocks)
+    assert all(b.macs > 0 and b.merged_macs == 0 for b in blocks)
+
+
+def test_blocks_with_mixed_kernel_convs_are_unsupported_not_a_crash():
+    blocks = {b.name: b for b in find_blocks(create_model("mixnet_s"), (3, 32, 32)).blocks}
+    assert blocks["blocks.0.0"].supported  # a plain depthwise-separable conv
+    assert "MixedConv2d" in blocks["blocks.1.0"].reason  # no SE: the mixed convs are the reason
+    assert not any(b.supported for n, b in blocks.items() if n != "blocks.0.0")
+    assert (blocks["blocks.1.0"].in_chs, blocks["blocks.1.0"].out_chs, blocks["blocks.1.0"].stride) == (16, 24, 2)
+
+
+def test_blocks_of_no_family_outside_sequentials_are_named():
+    """RegNet stages hold their blocks as attributes b1, b2, ... (no Sequential)."""
+    found = find_blocks(create_model("regnetx_002"), (3, 32, 32))
+    assert found.blocks == []
+    assert found.other_block_classes == {"regnet.Bottleneck": 13}
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("test_efficientnet", {"_efficientnet_blocks.ConvBnAct": 1, "_efficientnet_blocks.EdgeResidual": 2}),
+    ("mobilenetv2_050", {}),  # stages are Sequentials: containers, not blocks
+    ("test_convnext", {}),
+    ("test_byobnet", {"byobnet.EdgeBlock": 1, "byobnet.DarkBlock": 1, "byobnet.BasicBlock": 1,
+                      "byobnet.BottleneckBlock": 1}),
+    ("regnetx_002", {"regnet.Bottleneck": 13}),  # one block in the first stage: found all the same
+])
+def test_other_block_classes_skip_containers_and_known_blocks(model: str, expected: dict[str, int]):
+    assert find_blocks(create_model(model), (3, 32, 32), costed=False).other_block_classes == expected
+
+
+@pytest.mark.parametrize("size", [(3, 1, 1), (3, 0, 0)])
+def test_input_too_small_for_the_model_is_a_user_error(size):
+    from updp.errors import UpdpError
+
+    with pytest.raises(UpdpError, match="--img-size"):
+        find_blocks(create_model("test_convnext"), size)

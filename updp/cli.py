@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable
 
@@ -35,9 +36,10 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     model = create_model(loaded.name, loaded.num_classes) if loaded.pruned else loaded.model
     size = default_input_size(model, args.img_size)
     found = find_blocks(model, size)
+    others = ", ".join(f"{k} x{v}" for k, v in found.other_block_classes.items())
     if not found.blocks:
-        others = ", ".join(f"{k} x{v}" for k, v in found.other_block_classes.items()) or "none found"
-        raise UpdpError(f"{loaded.name} has no block of a supported family (its blocks: {others}); "
+        raise UpdpError(f"{loaded.name} has no block of a supported family "
+                        f"({f'unsupported blocks: {others}' if others else 'no other blocks found either'}); "
                         f"supported: {', '.join(supported_classes())}")
     rows = [dict(b.as_dict(), pruned=b.name in loaded.pruned) for b in found.blocks]
     if args.format == "json":
@@ -58,6 +60,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     for reason in sorted({b.reason for b in found.blocks if b.reason}):
         names = [b.name for b in found.blocks if b.reason == reason]
         print(f"unsupported ({len(names)}): {reason}")
+    if others:
+        print(f"not listed, of no supported family ({sum(found.other_block_classes.values())}): {others}")
     if loaded.pruned:
         print(f"already pruned in this checkpoint ({len(loaded.pruned)}): {', '.join(loaded.pruned)}")
     return 0
@@ -90,7 +94,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights for MODEL: a plain/timm state_dict or an updp checkpoint (random weights if omitted)")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="classifier size (default: read from --checkpoint, else the model's own)")
-    p.add_argument("--img-size", type=int, metavar="PX", help="square input size (default: the model's own)")
+    p.add_argument("--img-size", type=int, metavar="PX",
+                   help="square input size in pixels, one the model accepts (default: the model's own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _os_error(e: OSError) -> str:
+    where = f"'{e.filename}'" if e.filename else "a file"
+    also = f" -> '{e.filename2}'" if getattr(e, "filename2", None) else ""
+    return (f"cannot access {where}{also}: {e.strerror or e}; check free space and permissions "
+            "(rerun with --debug for the traceback)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from updp.cli_latency import rewrite_argv
 
@@ -145,8 +157,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updp: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("updp: interrupted", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # more Ctrl-C while we say goodbye: no traceback
+        print("updp: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, read-only folder, a file where a folder should be...
+        if args.debug:
+            raise
+        print(f"updp: error: {_os_error(e)}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - the CLI never shows a raw traceback unasked
         if args.debug:
             raise

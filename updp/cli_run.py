@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from updp.cli_search import add_run_args, resolve_config
+from updp.errors import UpdpError
 
 TRAIN_OVERRIDES = {"train_epochs": "train.epochs", "train_lr": "train.lr", "schedule": "train.schedule",
                    "lambda_end_frac": "train.lambda_end_frac", "kd_alpha": "train.kd_alpha"}
@@ -64,7 +65,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from updp.pruner.plan import parse_plan
     from updp.run import train_and_merge
 
+    plan = parse_plan(args.plan) if args.plan is not None else None
+    if plan is not None and not plan:
+        raise UpdpError(f"--plan '{args.plan}' is empty: name at least one block (see 'updp blocks MODEL')")
     cfg, run_dir = _config(args)
-    _print(train_and_merge(cfg, run_dir, parse_plan(args.plan) if args.plan else None), run_dir)
+    _print(train_and_merge(cfg, run_dir, plan), run_dir)
     return 0
 

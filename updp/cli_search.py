@@ -12,6 +12,7 @@ OVERRIDES = {
     "img_size": "data.img_size", "batch_size": "data.batch_size", "trials": "search.trials",
     "sampler": "search.sampler", "space": "search.space", "seed": "search.seed",
     "latency_budget_ms": "search.latency_budget_ms", "target_speedup": "search.target_speedup",
+    "budget_frac": "search.budget_frac",
     "max_per_stage": "search.max_per_stage", "finetune_steps": "search.finetune_steps",
     "storage": "search.storage", "backend": "latency.backend", "latency_mode": "latency.mode",
     "latency_img_size": "latency.img_size", "precision": "latency.precision", "threads": "latency.threads",
@@ -39,6 +40,9 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--latency-budget-ms", type=float, metavar="MS")
     g.add_argument("--target-speedup", type=float, metavar="X", help="budget = baseline latency / X")
+    g.add_argument("--budget-frac", type=float, metavar="F",
+                   help="budget = baseline - F x (baseline - most-pruned plan), both as the latency table measured "
+                        "them: 0 < F <= 1, reachable on any machine")
     p.add_argument("--keep", action="append", metavar="BLOCK", help="never prune BLOCK (repeatable)")
     p.add_argument("--max-per-stage", type=int, metavar="N")
     p.add_argument("--finetune-steps", type=int, metavar="N", help="short fine-tune per candidate (default 0)")
@@ -69,11 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None, allow_existing: bool = False):
     from updp.config import from_dict, load_yaml, override
-    from updp.search.config import RunConfig
+    from updp.search.config import RunConfig, validate
     from updp.search.runner import load_run_config
 
-    if args.resume:
-        run_dir = Path(args.resume)
+    existing = allow_existing and args.run and not args.config and (Path(args.run) / "config.yaml").is_file()
+    if args.resume or existing:  # 'updp train --run RUN' continues RUN like --resume
+        run_dir = Path(args.resume or args.run)
         cfg = load_run_config(run_dir)
     else:
         cfg = load_yaml(RunConfig, args.config) if args.config else from_dict(RunConfig, {})
@@ -82,6 +87,7 @@ def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None
     if args.keep:
         changes["search.keep"] = list(args.keep)
     cfg = override(cfg, changes)
+    validate(cfg)
     if run_dir is None:
         if not cfg.model:
             raise UpdpError("no model given: pass --model NAME or a --config with 'model'")
@@ -111,7 +117,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
     best = summary.get("best")
-    print(f"{summary['trials']} trials, {summary['front']} on the Pareto front; report: {run_dir / 'report.md'}, "
+    print(f"{summary.get('complete', summary['trials'])} completed trials ({summary.get('fail', 0)} failed, "
+          f"{summary.get('pruned', 0)} pruned), {summary['front']} on the Pareto front; report: {run_dir / 'report.md'}, "
           f"plot: {run_dir / 'pareto.png'}")
     if best:
         print(f"best plan under the budget: trial {int(best['trial'])}, top-1 {best['score']:.2f} %, "

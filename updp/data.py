@@ -46,9 +46,32 @@ def _npz(path: Path) -> dict:
     missing = {"train_x", "train_y", "val_x", "val_y", "classes"} - set(data)
     if missing:
         raise DataError(f"dataset '{path}' lacks arrays {', '.join(sorted(missing))}")
-    if not len(data["train_x"]) or not len(data["val_x"]):
-        raise DataError(f"dataset '{path}' holds no images")
+    for split in ("train", "val"):
+        _check_arrays(path, split, data[f"{split}_x"], data[f"{split}_y"], len(data["classes"]))
     return data
+
+
+def _check_arrays(path: Path, split: str, x, y, num_classes: int) -> None:
+    """uint8 NHWC images (1 or 3 channels) and one integer label in [0, classes) per image."""
+    import numpy as np
+
+    where = f"dataset '{path}': {split}_x"
+    if not len(x):
+        raise DataError(f"dataset '{path}' holds no {split} images")
+    if x.dtype != np.uint8:
+        raise DataError(f"{where} must be uint8 images (0-255), not {x.dtype}; convert with (x * 255).astype('uint8')")
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(f"{where} must be NHWC images with 1 or 3 channels last, got shape {tuple(x.shape)}"
+                        + ("; transpose NCHW with x.transpose(0, 2, 3, 1)" if x.ndim == 4 and x.shape[1] in (1, 3)
+                           else ""))
+    if y.ndim != 1 or len(y) != len(x):
+        raise DataError(f"dataset '{path}': {split}_y must hold one label per image ({len(x)}), "
+                        f"got shape {tuple(y.shape)}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"dataset '{path}': {split}_y must be integer class indices, not {y.dtype}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"dataset '{path}': {split}_y has labels outside 0..{num_classes - 1} "
+                        f"(min {y.min()}, max {y.max()}) for its {num_classes} classes")
 
 
 def check_dataset(root: str | os.PathLike) -> list[str]:
@@ -87,7 +110,7 @@ class ImageFolderTensors(Dataset):
         self.cache = None
         if arrays is not None:
             images, labels = arrays
-            self.cache = [torch.from_numpy(img).permute(2, 0, 1).contiguous() for img in images]
+            self.cache = [torch.from_numpy(img).permute(2, 0, 1).expand(3, -1, -1).contiguous() for img in images]
             self.samples = [("", int(y)) for y in labels]
             return
         self.samples = _images(Path(folder))
@@ -96,7 +119,11 @@ class ImageFolderTensors(Dataset):
 
     @staticmethod
     def _decode(path: str) -> torch.Tensor:
-        return v2.functional.pil_to_tensor(default_loader(path))
+        try:
+            return v2.functional.pil_to_tensor(default_loader(path))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt or truncated files
+            raise DataError(f"cannot decode image '{path}' ({type(e).__name__}: {str(e)[:120]}); "
+                            "remove or replace the file") from None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -152,13 +179,39 @@ def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10
     return Splits(classes, Subset(aug, keep), Subset(plain, keep), Subset(plain, held), val)
 
 
-def loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
+def labels(ds: Dataset) -> list[int]:
+    """The class index of every sample, without decoding images where the dataset knows them."""
+    if isinstance(ds, Subset):
+        base = labels(ds.dataset)
+        return [base[i] for i in ds.indices]
+    if isinstance(ds, ImageFolderTensors):
+        return [y for _, y in ds.samples]
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+def stratified_indices(targets: list[int], n: int, seed: int = 0) -> list[int]:
+    """``n`` sample indices drawn class by class in proportion to each class's share, then shuffled.
+
+    Seeded: the same ``targets``, ``n`` and ``seed`` give the same indices (every candidate
+    plan is scored on the same images). Largest remainders round the per-class quotas.
+    """
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers,
-                      drop_last=shuffle and len(ds) > batch_size)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(targets):
+        by_class.setdefault(int(y), []).append(i)
+    n = min(n, len(targets))
+    exact = {c: n * len(idx) / len(targets) for c, idx in sorted(by_class.items())}
+    quota = {c: int(q) for c, q in exact.items()}
+    for c in sorted(exact, key=lambda c: (quota[c] - exact[c], c))[:n - sum(quota.values())]:
+        quota[c] += 1
+    chosen = [by_class[c][int(j)] for c, k in quota.items() for j in torch.randperm(len(by_class[c]), generator=gen)[:k]]
+    return [chosen[int(j)] for j in torch.randperm(len(chosen), generator=gen)]
 
 
-def first_images(ds: Dataset, n: int, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first ``n`` samples as fixed batches (same images for every candidate scored)."""
-    sub = Subset(ds, range(min(n, len(ds))))
-    return list(DataLoader(sub, batch_size=batch_size, shuffle=False))
+def fixed_batches(ds: Dataset, n: int, seed: int = 0, batch_size: int = 128) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A class-stratified seeded sample of ``n`` images as fixed batches (the whole set when ``n`` >= its size).
+
+    ImageFolder files are sorted by class, so the first ``n`` images would be one or two classes.
+    """
+    idx = list(range(len(ds))) if n >= len(ds) else stratified_indices(labels(ds), n, seed)
+    return list(DataLoader(Subset(ds, idx), batch_size=batch_size, shuffle=False))

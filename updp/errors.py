@@ -5,6 +5,8 @@ Every error a user can cause (unknown model, bad plan, corrupted file) is an
 """
 from __future__ import annotations
 
+import sys
+
 
 class UpdpError(Exception):
     """A user-facing error: the message is shown as is, without a traceback."""
@@ -20,3 +22,8 @@ class PlanError(UpdpError):
 
 class CheckpointError(UpdpError):
     """A checkpoint file that is missing, corrupted or for another model."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr, in the CLI's voice."""
+    print(f"updp: warning: {message}", file=sys.stderr, flush=True)

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import copy
+import ctypes
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +19,8 @@ from updp.errors import UpdpError
 from updp.fileio import atomic_path
 
 OPSET = 17
+# Tried in turn: a graph with an operator opset 17 lacks gets the TorchScript exporter's newest.
+OPSETS = (OPSET, 20)
 
 
 class ExportError(UpdpError):
@@ -25,23 +32,93 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | os.P
     """Export ``model`` in eval mode for one input of ``input_shape``; written atomically.
 
     With ``half`` the graph itself is float16 (inputs, weights, outputs): the
-    way to give strongly typed TensorRT (11.x) its precision.
+    way to give strongly typed TensorRT (11.x) its precision. A failure is one
+    ``ExportError`` line; nothing is printed and no file is left.
     """
     model = copy.deepcopy(model).half() if half else model
     model = model.eval()
     param = next(model.parameters())
     x = torch.zeros(*input_shape, dtype=param.dtype, device=param.device)
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    _register_symbolics()
     path = Path(path)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    errors = []
+    for opset in OPSETS:
         try:
-            # The TorchScript-based exporter is ~10x faster than the dynamo one here.
-            torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=OPSET,
-                              input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+            with atomic_path(path) as tmp, warnings.catch_warnings(), _quiet_native_output():
+                warnings.simplefilter("ignore")
+                # The TorchScript-based exporter is ~10x faster than the dynamo one here.
+                torch.onnx.export(model, (x,), str(tmp), dynamo=False, opset_version=opset,
+                                  input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+            return path
         except Exception as e:  # noqa: BLE001 - any exporter failure is reported as data
-            raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    return path
+            errors.append(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}")
+            if "opset" not in str(e):
+                break
+    tried = ", ".join(map(str, OPSETS[:len(errors)]))
+    raise ExportError(f"ONNX export failed: {errors[-1]} (tried opset{'s' * (len(errors) > 1)} {tried})")
+
+
+@contextmanager
+def _quiet_native_output() -> Iterator[None]:
+    """Send what native code writes to file descriptors 1 and 2 to a scratch file meanwhile.
+
+    On a failure the TorchScript exporter prints its whole graph (hundreds of
+    lines) from C++, where Python's own redirections cannot catch it.
+    """
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+    except (OSError, ValueError):  # no real descriptors (closed, or an embedding host): leave them
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        finally:
+            _flush_c_stdio()
+            for fd, saved_fd in zip((1, 2), saved):
+                os.dup2(saved_fd, fd)
+                os.close(saved_fd)
+
+
+def _flush_c_stdio() -> None:
+    """C++ ``std::cout`` goes through C stdio buffers: flush them before the descriptors go back."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError, TypeError):  # no C runtime reachable this way (Windows)
+        pass
+
+
+_REGISTERED = False
+
+
+def _register_symbolics() -> None:
+    """Export rules for operators the TorchScript exporter has none for (once per process)."""
+    global _REGISTERED
+    if not _REGISTERED:
+        torch.onnx.register_custom_op_symbolic("aten::rms_norm", _rms_norm, 9)
+        _REGISTERED = True
+
+
+def _rms_norm(g, x, normalized_shape, weight, eps):
+    """``aten::rms_norm`` (timm's ``RmsNorm``): ``x / sqrt(mean(x^2) + eps) * weight`` in basic ops."""
+    from torch.onnx import JitScalarType, symbolic_helper as sh
+
+    axes = list(range(-len(sh._get_const(normalized_shape, "is", "normalized_shape")), 0))
+    dtype = JitScalarType.from_value(x, JitScalarType.FLOAT).dtype()
+    eps = torch.finfo(dtype).eps if sh._is_none(eps) else sh._get_const(eps, "f", "eps")
+    square = g.op("Mul", x, x)
+    if g.opset >= 18:  # axes became an input
+        mean = g.op("ReduceMean", square, g.op("Constant", value_t=torch.tensor(axes)), keepdims_i=1)
+    else:
+        mean = g.op("ReduceMean", square, axes_i=axes, keepdims_i=1)
+    rms = g.op("Sqrt", g.op("Add", mean, g.op("Constant", value_t=torch.tensor(eps, dtype=dtype))))
+    y = g.op("Div", x, rms)
+    return y if sh._is_none(weight) else g.op("Mul", y, weight)
 
 
 def run_onnx(path: str | os.PathLike, x: np.ndarray, threads: int | None = None) -> np.ndarray:

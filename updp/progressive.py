@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from updp.data import Splits, first_images
+from updp.data import Splits, fixed_batches
 from updp.fileio import write_json
 from updp.latency.base import MeasureConfig
 from updp.latency.interleave import measure_interleaved
@@ -46,7 +46,7 @@ def train_plan(baseline: nn.Module, plan: list[str], splits: Splits, cfg: RunCon
     trainer_cfg = TrainConfig(epochs=tc.epochs, batch_size=cfg.data.batch_size, lr=tc.lr, seed=cfg.search.seed)
     state = {"lam": 1.0}
     trainer = Trainer(student, trainer_cfg, splits.train, None, out_dir / "train.pt",
-                      val_batches=first_images(splits.val, 1000), metrics_csv=out_dir / "train_metrics.csv",
+                      val_batches=fixed_batches(splits.val, 1000, cfg.search.seed), metrics_csv=out_dir / "train_metrics.csv",
                       desc=desc, extra_state=lambda: {"lambda": state["lam"]})
     schedule = schedule_for(tc, plan, trainer.total_steps)
 
@@ -74,10 +74,10 @@ def _max_logit_diff(a: nn.Module, b: nn.Module, batches) -> float:
 def finalize(baseline: nn.Module, student: nn.Module, plan: list[str], splits: Splits, cfg: RunConfig,
              out_dir: Path, backend: str, num_classes: int) -> dict:
     """BN re-estimation, merge, verification on real images, export, latency, final.json."""
-    recalibrate_bn(student, first_images(splits.train_eval, 1024))
+    recalibrate_bn(student, fixed_batches(splits.train_eval, 1024, cfg.search.seed))
     student.eval()
     merged = merge_model(student)
-    val = first_images(splits.val, len(splits.val))
+    val = fixed_batches(splits.val, len(splits.val))
     diff = _max_logit_diff(merged, student, val)
     shape = (3, cfg.data.img_size, cfg.data.img_size)
     save_checkpoint(out_dir / "pruned.pt", Checkpoint(student, cfg.model, num_classes, plan, "pruned"))

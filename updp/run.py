@@ -37,9 +37,7 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: list[str] | None = None
         print(f"updp: nothing to do: '{run_dir}' already has its final model (final.json); "
               "delete final.json to redo the final stage", flush=True)
         return json.loads(final.read_text())
-    run_dir.mkdir(parents=True, exist_ok=True)
-    import torch
-    torch.manual_seed(cfg.search.seed)
+    runner.prepare_run_dir(run_dir)
     inp = runner._check_inputs(cfg, run_dir)
     plan = plan or choose_plan(cfg, run_dir)
     unknown = [b for b in plan if b not in inp.space.names]

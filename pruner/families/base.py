@@ -40,6 +40,13 @@ def is_identity(module: nn.Module | None) -> bool:
     return module is None or isinstance(module, nn.Identity)
 
 
+def foldable_norm(norm: nn.Module | None) -> str | None:
+    """Why a norm after a conv cannot be folded into it, or None (an eval BatchNorm2d can)."""
+    if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+        return None
+    return f"{type(norm).__name__} is not a BatchNorm with running statistics, so it cannot be folded into its conv"
+
+
 def act_of(module: nn.Module) -> nn.Module:
     """The activation inside a timm ``BatchNormAct2d`` (Identity when none)."""
     return getattr(module, "act", nn.Identity())
@@ -47,8 +54,12 @@ def act_of(module: nn.Module) -> nn.Module:
 
 def static_padding(conv: nn.Module) -> str | None:
     """Why a conv's padding cannot be moved to the chain input, or None."""
-    if not isinstance(conv, nn.Conv2d) or type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} uses dynamic 'same' padding (TF port)"
+    if not isinstance(conv, nn.Conv2d):
+        return (f"{type(conv).__name__} is not a single Conv2d (e.g. MixNet's mixed kernel sizes); "
+                "only plain Conv2d layers can be composed")
+    if type(conv) is not nn.Conv2d:
+        return (f"{type(conv).__name__} is a Conv2d variant (TF 'same' padding or weight standardization) "
+                "whose output is not its plain convolution")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         return "conv padding is not static zero padding"
     if conv.dilation != (1, 1):

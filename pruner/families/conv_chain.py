@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from updp.pruner import reparam
-from updp.pruner.families.base import BlockFamily, static_padding
+from updp.pruner.families.base import BlockFamily, foldable_norm, static_padding
 from updp.pruner.progressive import (BlockEnd, ProgressiveBlock, bn_only, non_inplace,
                                      pad_conv, ring_act_mix)
 
@@ -112,10 +112,10 @@ class ConvChainFamily(BlockFamily):
 
     def check(self, block: nn.Module) -> str | None:
         chain = self.chain(block)
-        for conv, _, _ in chain.layers:
-            reason = static_padding(_get(block, conv))
-            if reason:
-                return reason
+        for conv, bn, _ in chain.layers:
+            for attr, reason in ((conv, static_padding(_get(block, conv))), (bn, foldable_norm(_get(block, bn)))):
+                if reason:
+                    return f"{attr}: {reason}"
         if chain.skip not in (None, "identity"):
             return _downsample_reason(_get(block, chain.skip))
         return None
@@ -124,7 +124,7 @@ class ConvChainFamily(BlockFamily):
         convs = [_get(block, c) for c, _, _ in self.chain(block).layers]
         stride = 1
         for c in convs:
-            stride *= c.stride[0]
+            stride *= _stride(c)
         return convs[0].in_channels, convs[-1].out_channels, stride
 
     def progressive(self, block: nn.Module) -> ConvChainBlock:
@@ -147,6 +147,14 @@ class ConvChainFamily(BlockFamily):
             merged = reparam.scale_conv(merged, *reparam.bn_scale_shift(pblock.end.bn))
             act = copy.deepcopy(pblock.end.act)
         return MergedConvAct(reparam.to_conv2d(merged, pblock.pad), act)
+
+
+def _stride(conv: nn.Module) -> int:
+    """A conv's stride; conv-like modules without one (MixedConv2d) carry it in their parts."""
+    stride = getattr(conv, "stride", None)
+    if stride is None:
+        return max((_stride(c) for c in conv.children()), default=1)
+    return stride if isinstance(stride, int) else stride[0]
 
 
 def _downsample_reason(ds: nn.Module) -> str | None:

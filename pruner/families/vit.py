@@ -37,9 +37,9 @@ class ViTProgressive(ProgressiveBlock):
         self.act = non_inplace(block.mlp.act)
         self.end = BlockEnd(TokenBatchNorm(dim, **kw), block.mlp.act)
 
-    def forward_pruned(self, x: torch.Tensor, lam: float) -> torch.Tensor:
+    def forward_pruned(self, x: torch.Tensor, lam: float, **attn_kwargs) -> torch.Tensor:
         b, mlp = self.block, self.block.mlp
-        x = x + b.drop_path1(b.ls1(b.attn(norm_mix(b.norm1, self.bn1, x, lam))))
+        x = x + b.drop_path1(b.ls1(b.attn(norm_mix(b.norm1, self.bn1, x, lam), **attn_kwargs)))
         h = mlp.drop1(act_mix(self.act, mlp.fc1(norm_mix(b.norm2, self.bn2, x, lam)), lam))
         h = mlp.drop2(mlp.fc2(mlp.norm(h)))
         return self.end(x + b.drop_path2(b.ls2(h)), lam)
@@ -54,8 +54,15 @@ class MergedViTBlock(nn.Module):
         self.linear = linear
         self.act = act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.linear(x + self.attn(x)))
+    def forward(self, x: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        # attn_kwargs: an attention mask (NaFlexViT), passed on as the original block does.
+        return self.act(self.linear(x + self.attn(x, **attn_kwargs)))
+
+
+def _weight_and_bias(layer: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """A Linear's weight and bias, a zero bias where it has none (``bias=False``)."""
+    w = layer.weight.detach()
+    return w, layer.bias.detach() if layer.bias is not None else w.new_zeros(w.shape[0])
 
 
 def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
@@ -79,7 +86,8 @@ class ViTFamily(BlockFamily):
         return None
 
     def channels(self, block: nn.Module) -> tuple[int, int, int]:
-        dim = block.mlp.fc2.out_features
+        # The first Linear reads the block's input (qkv or q); gated MLPs name their layers otherwise.
+        dim = next((m.in_features for m in block.modules() if isinstance(m, nn.Linear)), 0)
         return dim, dim, 1
 
     def progressive(self, block: nn.Module) -> ViTProgressive:
@@ -89,12 +97,11 @@ class ViTFamily(BlockFamily):
         b = pblock.block
         attn = copy.deepcopy(b.attn)
         attn.qkv = _linear(*reparam.fold_linear_bn(b.attn.qkv, pblock.bn1))
-        g1 = _layer_scale(b.ls1, b.attn.proj.weight[:, 0])
-        proj_w = b.attn.proj.weight.detach()
-        proj_b = b.attn.proj.bias.detach() if b.attn.proj.bias is not None else torch.zeros_like(g1)
+        proj_w, proj_b = _weight_and_bias(b.attn.proj)
+        g1 = _layer_scale(b.ls1, proj_b)
         attn.proj = _linear(g1[:, None] * proj_w, g1 * proj_b)
         w1, b1 = reparam.fold_linear_bn(b.mlp.fc1, pblock.bn2)
-        w2, b2 = b.mlp.fc2.weight.detach(), b.mlp.fc2.bias.detach()
+        w2, b2 = _weight_and_bias(b.mlp.fc2)
         g2 = _layer_scale(b.ls2, b2)
         eye = torch.eye(w2.shape[0], dtype=w2.dtype, device=w2.device)
         w, bias = eye + g2[:, None] * (w2 @ w1), g2 * (w2 @ b1 + b2)
