@@ -26,6 +26,7 @@ from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
 from updp.errors import UpdpError
+from updp.fileio import pid_alive
 from updp.search.space import SearchSpace
 from updp.search.storage import (RetryOnce, open_lock, open_storage, redact_url, retried_trial, storage_url,
                                  study_lock)
@@ -109,26 +110,13 @@ def seed_study(study: optuna.Study, space: SearchSpace, mode: str) -> None:
 
 # --- stale trials and retries -----------------------------------------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child its parent has not reaped yet is a zombie: dead
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _dead_worker_trials(study: optuna.Study) -> list[tuple[int, str]]:
     host, me = socket.gethostname(), os.getpid()
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = str(t.user_attrs.get("worker", ""))
         w_host, _, pid = worker.rpartition(":")
-        if w_host == host and pid.isdigit() and int(pid) != me and not _pid_alive(int(pid)):
+        if w_host == host and pid.isdigit() and int(pid) != me and not pid_alive(int(pid)):
             out.append((t._trial_id, worker))
     return out
 

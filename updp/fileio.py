@@ -64,13 +64,17 @@ _TMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
 def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` on this host still runs (a zombie its parent has not reaped is dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def remove_stale_tmp(folder: str | os.PathLike) -> list[Path]:
