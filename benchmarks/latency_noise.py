@@ -11,7 +11,7 @@ import pandas as pd
 
 from common import write_results
 from updp.latency.base import MeasureConfig
-from updp.plan_latency import PlanTimer
+from updp.search.timing import PlanTimer
 
 MODELS = ("convnext_atto", "mobilenetv2_100")
 BACKENDS = ("onnxruntime", "torch")

@@ -10,7 +10,7 @@ import pandas as pd
 from common import RESULTS, write_results
 from updp.latency.base import MeasureConfig
 from updp.latency.table import build_table, calibrate, error_summary, random_plans
-from updp.plan_latency import PlanTimer
+from updp.search.timing import PlanTimer
 from updp.pruner import create_model, default_input_size, find_blocks
 
 MODELS = ("convnext_tiny", "mobilenetv2_100")
@@ -24,8 +24,8 @@ def main() -> None:
         base = create_model(model)
         blocks = [b.name for b in find_blocks(base, default_input_size(base)).worthwhile]
         timer = PlanTimer(model, "onnxruntime", cfg, cache=None)
-        table = build_table(timer.measure_many, blocks)
-        df = calibrate(table, timer.measure_many, random_plans(blocks, PLANS, seed=0))
+        table = build_table(timer.measure_many, model, blocks)
+        df = calibrate(table, timer.measure_many, random_plans(model, blocks, PLANS, seed=0))
         details.append(df.assign(model=model))
         rows.append({"model": model, "blocks": len(blocks), "baseline_ms": table.baseline_ms,
                      **error_summary(df), "mean_pruned": df["n_pruned"].mean()})

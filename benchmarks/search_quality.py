@@ -25,15 +25,16 @@ import torch
 from tqdm import tqdm
 
 from common import RESULTS, write_results
-from updp.config import from_dict
-from updp.data import fixed_batches
-from updp.pruner import apply_plan
-from updp.search import runner
+from updp.core.config import from_dict
+from updp.train.data import fixed_batches
+from updp.pruner import PruningPlan, apply_plan
+from updp.pipeline import rundir, search as runner
 from updp.search import study as st
-from updp.search.config import RunConfig
+from updp.pipeline.config import RunConfig
 from updp.search.report import pareto_front
-from updp.search.scoring import recalibrate_bn, score_plan
-from updp.training import TrainConfig, Trainer, evaluate, kd_loss
+from updp.search.scoring import score_plan
+from updp.train.bn import recalibrate_bn
+from updp.train.loop import TrainConfig, Trainer, evaluate, kd_loss
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 
@@ -48,9 +49,9 @@ def hypervolume(points: pd.DataFrame, ref_score: float, ref_latency: float) -> f
     return area
 
 
-def finetune_top1(baseline: torch.nn.Module, plan: frozenset[str], inp, steps: int) -> float:
+def finetune_top1(baseline: torch.nn.Module, plan: PruningPlan, inp, steps: int) -> float:
     """Top-1 on val after ``steps`` of distillation training of the pruned subnet."""
-    student = apply_plan(copy.deepcopy(baseline), sorted(plan), lam=0.0)
+    student = apply_plan(copy.deepcopy(baseline), plan, lam=0.0)
     teacher = copy.deepcopy(baseline).eval()
 
     def step(x, y, _):
@@ -61,7 +62,7 @@ def finetune_top1(baseline: torch.nn.Module, plan: frozenset[str], inp, steps: i
         return {"loss": loss.item()}
 
     epochs = steps / (len(inp.splits.train) // 64)
-    ckpt = inp.run_dir / f"ft_{abs(hash(tuple(sorted(plan))))}.pt"
+    ckpt = inp.run_dir / f"ft_{plan.key}.pt"
     ckpt.unlink(missing_ok=True)
     Trainer(student, TrainConfig(epochs=epochs, lr=5e-4), inp.splits.train, step, ckpt, desc="finetune").fit()
     ckpt.unlink(missing_ok=True)
@@ -82,10 +83,10 @@ def main() -> None:
                                 "latency": {"backend": "onnxruntime", "threads": 2, "runs": 100}})
     run_dir = Path(args.run)
     run_dir.mkdir(parents=True, exist_ok=True)
-    inp = runner._check_inputs(cfg, run_dir)
-    timer = runner._timer(inp)
+    inp = rundir.check_inputs(cfg, run_dir)
+    timer = runner.plan_timer(inp)
     table = runner.latency_table(inp, timer)
-    baseline = runner.baseline_model(inp)
+    baseline = rundir.baseline_model(inp)
     baseline_top1 = evaluate(baseline, fixed_batches(inp.splits.val, 1000))["top1"]
     supernet = runner.train_supernet(inp, copy.deepcopy(baseline))
     calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images)
@@ -99,9 +100,9 @@ def main() -> None:
         rows, t0 = [], time.perf_counter()
         plans = list(itertools.product([False, True], repeat=len(names)))
         for bits in tqdm(plans, desc="exhaustive", unit="plan", mininterval=10):
-            plan = frozenset(n for n, b in zip(names, bits) if b)
+            plan = PruningPlan(cfg.model, frozenset(n for n, b in zip(names, bits) if b))
             s = score_plan(supernet, plan, calib, held)
-            rows.append({"pruned": ";".join(sorted(plan)), "score": s["top1"], "loss": s["loss"],
+            rows.append({"pruned": plan.to_str(), "score": s["top1"], "loss": s["loss"],
                          "latency_ms": table.predict(plan), "n_pruned": len(plan)})
         exhaustive = pd.DataFrame(rows)
         exhaustive.to_csv(exhaustive_csv, index=False)
@@ -115,7 +116,7 @@ def main() -> None:
     t0 = time.perf_counter()
     study.optimize(objective, n_trials=args.trials)
     wall = time.perf_counter() - t0
-    found = pd.DataFrame([{"pruned": ";".join(t.user_attrs["pruned"]), "score": t.values[0],
+    found = pd.DataFrame([{"pruned": st.trial_plan(t, cfg.model).to_str(), "score": t.values[0],
                            "latency_ms": t.values[1], "score_s": t.user_attrs["score_s"],
                            "latency_s": t.user_attrs["latency_s"]} for t in study.trials])
     ref_score, ref_latency = exhaustive.score.min(), exhaustive.latency_ms.max() * 1.01
@@ -128,7 +129,7 @@ def main() -> None:
                                list(exhaustive.sample(10, random_state=0).pruned)))[:10]
     corr_rows = []
     for p in picks:
-        plan = frozenset(x for x in p.split(";") if x)
+        plan = PruningPlan.from_str(cfg.model, p)
         corr_rows.append({"pruned": p, "n_pruned": len(plan),
                           "supernet_top1": float(exhaustive.set_index("pruned").loc[p, "score"]),
                           "finetuned_top1": finetune_top1(baseline, plan, inp, args.finetune_steps)})

@@ -62,7 +62,7 @@ def worker(args: argparse.Namespace, url: str, work_dir: Path) -> None:
     torch.set_num_threads(1)
     model = create_model(args.model).eval()
     x = torch.randn(args.batch, 3, args.img, args.img)
-    space = SearchSpace.build(find_blocks(model, (3, args.img, args.img)).blocks)
+    space = SearchSpace.build(args.model, find_blocks(model, (3, args.img, args.img)).blocks)
 
     def scorer(plan):
         with torch.no_grad():

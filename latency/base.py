@@ -13,6 +13,10 @@
 - a time limit: a measurement that passes ``timeout_s`` stops and returns a
   failure record. Failures (export, engine build, out of memory) are records
   with ``error`` set, never exceptions, so a search can store them.
+
+``measure`` is ``prepare`` (export when needed), ``load``, ``timed_runs`` for
+the warm-up and ``timed_runs`` for the figures, then ``release``; drivers
+that time several models in turn (``interleave``) use the same public steps.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.latency.context import host_context
 from updp.latency.result import LatencyResult, failure, summarize
 
@@ -102,35 +106,49 @@ class LatencyBackend(abc.ABC):
         versions = tuple(sorted((k, str(v)) for k, v in ctx.items() if k not in skip))
         return str(ctx.get("device", "unknown")), versions
 
+    @classmethod
+    def precision_error(cls, precision: str) -> str | None:
+        """Why this backend cannot time ``precision`` (a failure reason), or None."""
+        if precision in cls.supported_precisions:
+            return None
+        return f"backend '{cls.name}' does not support {precision} (supported: {', '.join(cls.supported_precisions)})"
+
+    @classmethod
+    def interleaved_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The constructor options for one of several instances timed in turn (``measure_interleaved``).
+
+        The default is ``options`` unchanged; a backend whose idle threads would
+        take the cores from the instance that runs next turns that off here.
+        """
+        return options
+
     def measure(self, target: Any, cfg: MeasureConfig, workdir: str | Path | None = None) -> LatencyResult:
         fields = dict(backend=self.name, precision=cfg.precision, batch_size=cfg.batch_size,
                       input_shape=tuple(cfg.input_shape))
-        if cfg.precision not in self.supported_precisions:
-            return failure(f"backend '{self.name}' does not support {cfg.precision} "
-                           f"(supported: {', '.join(self.supported_precisions)})", **fields)
+        if (unsupported := self.precision_error(cfg.precision)) is not None:
+            return failure(unsupported, **fields)
         deadline = time.monotonic() + cfg.timeout_s
         try:
             with contextlib.ExitStack() as stack:
                 folder = workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="updp-onnx-"))
-                self.load(self._prepare(target, cfg, Path(folder)), cfg)
-            self._loop(deadline, cfg.warmup_runs, cfg.warmup_ms / 1e3, cfg.max_runs)
-            samples = self._loop(deadline, cfg.min_runs, cfg.min_time_s, cfg.max_runs)
+                self.load(self.prepare(target, cfg, Path(folder)), cfg)
+            self.timed_runs(deadline, cfg.warmup_runs, cfg.warmup_ms / 1e3, cfg.max_runs)
+            samples = self.timed_runs(deadline, cfg.min_runs, cfg.min_time_s, cfg.max_runs)
             ctx = {**host_context(), **self.context(), "threads": cfg.threads}
             return summarize(samples, context=ctx, **fields)
         except MeasurementTimeout:
             return failure(f"timed out after {cfg.timeout_s:g} s", **fields)
-        except UpdpError as e:
-            return failure(str(e), **fields)
-        except MemoryError:
-            return failure("out of memory", **fields)
         except Exception as e:  # noqa: BLE001 - any backend failure becomes a record
-            last = traceback.extract_tb(e.__traceback__)[-1]
-            return failure(f"{type(e).__name__}: {str(e)[:300]} (at {Path(last.filename).name}:{last.lineno})",
-                           **fields)
+            return failure(failure_reason(e), **fields)
         finally:
             self.release()
 
-    def _prepare(self, target: Any, cfg: MeasureConfig, folder: Path) -> Any:
+    def prepare(self, target: Any, cfg: MeasureConfig, folder: Path) -> Any:
+        """What ``load`` gets for ``target``: the module itself, or an ONNX file (a module exported into ``folder``).
+
+        Raises:
+            UpdpError: the ONNX file does not exist, or this backend cannot take that kind of target.
+        """
         folder.mkdir(parents=True, exist_ok=True)
         if isinstance(target, (str, Path)):
             if not Path(target).is_file():
@@ -140,7 +158,7 @@ class LatencyBackend(abc.ABC):
             return target
         if not self.needs_onnx:
             return target
-        from updp.onnx_export import export_onnx  # torch is imported only when a module is given
+        from updp.core.onnx_export import export_onnx  # torch is imported only when a module is given
 
         half = cfg.precision == "fp16" and self.wants_half_onnx()
         return export_onnx(target, cfg.full_shape, folder / "model.onnx", half=half)
@@ -149,7 +167,18 @@ class LatencyBackend(abc.ABC):
         """Whether fp16 must be in the ONNX graph itself (strongly typed TensorRT 11)."""
         return False
 
-    def _loop(self, deadline: float, min_runs: int, min_time_s: float, max_runs: int) -> list[float]:
+    def timed_runs(self, deadline: float, min_runs: int, min_time_s: float, max_runs: int) -> list[float]:
+        """Call ``run_once`` (after ``load``) for ``min_runs`` runs and ``min_time_s`` seconds, at most ``max_runs``.
+
+        Args:
+            deadline: a ``time.monotonic()`` instant; checked before each run.
+
+        Returns:
+            The time of each run in ms: the device's figure where ``run_once`` gives one, else the host clock's.
+
+        Raises:
+            MeasurementTimeout: ``deadline`` passed before the runs were done.
+        """
         samples: list[float] = []
         start = time.perf_counter()
         while len(samples) < max_runs and (len(samples) < min_runs or time.perf_counter() - start < min_time_s):
@@ -159,3 +188,15 @@ class LatencyBackend(abc.ABC):
             device_ms = self.run_once()
             samples.append(device_ms if device_ms is not None else (time.perf_counter() - t0) * 1e3)
         return samples
+
+
+def failure_reason(error: BaseException) -> str:
+    """The one line a failure record keeps of an exception: an ``UpdpError``'s message, else type, message, place."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, UpdpError):
+        return first  # written for the user, and one line by the project's rule
+    if isinstance(error, MemoryError):
+        return "out of memory"
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" (at {Path(frames[-1].filename).name}:{frames[-1].lineno})" if frames else ""
+    return f"{type(error).__name__}: {first[:300]}{where}"

@@ -1,5 +1,22 @@
 """A persistent latency cache in one SQLite file, safe for several processes.
 
+What is cached: one record per single measurement of one plan, on its own:
+a ``LatencyBackend.measure`` result (in process or ``measure_isolated``),
+stored by ``PlanTimer.measure``, and trtexec figures stored by ``updp latency
+import`` (backend ``trtexec``). Its figures are absolute milliseconds, valid
+for the whole key below.
+
+What is not cached:
+
+- failure records (``put`` drops them): the cause may be transient (out of
+  memory, a busy GPU), so the next request measures again;
+- interleaved passes (``measure_interleaved``, ``PlanTimer.measure_many``):
+  their figures are ratios to the other variants of the same pass, valid
+  within that pass only, so a record of one must not answer a later single
+  request. What those passes produce persists elsewhere: the per-block
+  ``latency_table.json`` (``LatencyTable``), the latency attributes of each
+  search trial, and ``final.json``.
+
 Key: (plan key, model, input shape, batch, precision, backend, device,
 library versions), hashed. Each entry stores its JSON payload with a SHA-256
 checksum; an entry that fails the check (or does not parse) is dropped and
@@ -20,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.latency.result import LatencyResult
 
 _SQLITE_HEADER = b"SQLite format 3\x00"

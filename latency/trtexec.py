@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.latency.result import LatencyResult, summarize
 
 _TO_MS = {"ns": 1e-6, "us": 1e-3, "µs": 1e-3, "ms": 1.0, "s": 1e3, "sec": 1e3}

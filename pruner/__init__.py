@@ -1,11 +1,12 @@
 """Blocks, pruned forms and exact merging (the pruner core)."""
+from updp.core.plan import PruningPlan
 from updp.pruner.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from updp.pruner.discovery import Discovery, find_blocks
 from updp.pruner.merge import merge_model
 from updp.pruner.models import create_model, default_input_size
 from updp.pruner.plan import apply_plan, parse_plan, progressive_blocks, set_lambda
 from updp.pruner.schedule import LambdaSchedule
-from updp.pruner.spec import BlockSpec, PruningPlan
+from updp.pruner.spec import BlockSpec
 
 __all__ = [
     "BlockSpec", "Checkpoint", "Discovery", "LambdaSchedule", "PruningPlan", "apply_plan",

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from updp.errors import CheckpointError
-from updp.fileio import atomic_path
+from updp.core.errors import CheckpointError
+from updp.core.fileio import atomic_path
+from updp.core.plan import PruningPlan
 from updp.pruner.models import create_model
 from updp.pruner.plan import progressive_blocks
 
@@ -31,12 +32,15 @@ FORMS = ("original", "pruned", "merged")
 @dataclass
 class Checkpoint:
     model: nn.Module
-    model_name: str
+    plan: PruningPlan  # its model name is the timm architecture to rebuild
     num_classes: int
-    pruned: list[str] = field(default_factory=list)
     form: str = "original"
     meta: dict = field(default_factory=dict)
     lambdas: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model_name(self) -> str:
+        return self.plan.model
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
@@ -45,7 +49,7 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"unknown checkpoint form '{ckpt.form}'")
     state = {
         "updp_checkpoint": 1, "model": ckpt.model_name, "num_classes": ckpt.num_classes,
-        "pruned": list(ckpt.pruned), "form": ckpt.form, "meta": ckpt.meta,
+        "pruned": list(ckpt.plan.names), "form": ckpt.form, "meta": ckpt.meta,
         "lambdas": {n: b.lam for n, b in progressive_blocks(ckpt.model).items()},
         "state_dict": {k: v.detach().cpu() for k, v in ckpt.model.state_dict().items()},
     }
@@ -83,16 +87,19 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if data.get("form") not in FORMS or not isinstance(data.get("state_dict"), dict):
         raise CheckpointError(f"checkpoint '{path}' is damaged: unknown form or no state_dict")
     model = create_model(data["model"], data["num_classes"])
-    pruned = list(data.get("pruned", []))
+    pruned = data.get("pruned", [])
+    if not isinstance(pruned, list) or not all(isinstance(n, str) for n in pruned):
+        raise CheckpointError(f"checkpoint '{path}' is damaged: 'pruned' is not a list of block names")
+    plan = PruningPlan(data["model"], pruned)
     lambdas = {n: float(v) for n, v in data.get("lambdas", {}).items()}
     if data["form"] != "original":
-        apply_plan(model, pruned, lam=0.0)
+        apply_plan(model, plan, lam=0.0)
     if data["form"] == "merged":
         model = merge_model(model)
     else:
-        set_lambda(model, {n: lambdas.get(n, 0.0) for n in pruned})
+        set_lambda(model, {n: lambdas.get(n, 0.0) for n in plan})
     load_state(model, data["state_dict"], str(path))
-    return Checkpoint(model.eval(), data["model"], data["num_classes"], pruned, data["form"],
+    return Checkpoint(model.eval(), plan, data["num_classes"], data["form"],
                       data.get("meta", {}), lambdas)
 
 

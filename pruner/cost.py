@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 
 class CostError(UpdpError):

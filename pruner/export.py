@@ -6,9 +6,9 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +16,10 @@ import timm
 import torch
 from torch import nn
 
-from updp.errors import PlanError, UpdpError
-from updp.fileio import write_json
-from updp.onnx_export import ExportError, export_onnx, run_onnx
+from updp.core.errors import PlanError, UpdpError
+from updp.core.fileio import write_json
+from updp.core.plan import PruningPlan
+from updp.core.onnx_export import ExportError, export_onnx, run_onnx
 from updp.pruner.checkpoint import (Checkpoint, is_updp_checkpoint, load_checkpoint, load_state, raw_state_dict,
                                     read_file, save_checkpoint)
 from updp.pruner.cost import count_macs, count_params
@@ -32,9 +33,12 @@ from updp.pruner.verify import merge_error
 @dataclass
 class LoadedModel:
     model: nn.Module
-    name: str
+    plan: PruningPlan  # the blocks a pruned checkpoint has pruned already (empty otherwise)
     num_classes: int
-    pruned: list[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.plan.model
 
 
 def load_model(spec: str, checkpoint: str | None = None, num_classes: int | None = None) -> LoadedModel:
@@ -48,10 +52,10 @@ def load_model(spec: str, checkpoint: str | None = None, num_classes: int | None
         if ckpt.form == "merged":
             raise UpdpError(f"'{spec}' is a merged model with no prunable blocks left; "
                             "use the original or pruned checkpoint it came from")
-        return LoadedModel(ckpt.model, ckpt.model_name, ckpt.num_classes, ckpt.pruned)
+        return LoadedModel(ckpt.model, ckpt.plan, ckpt.num_classes)
     if not checkpoint:
         model = create_model(spec, num_classes)
-        return LoadedModel(model, spec, model.num_classes)
+        return LoadedModel(model, PruningPlan(spec), model.num_classes)
     data = read_file(checkpoint)
     if is_updp_checkpoint(data) and data["form"] != "original":
         raise UpdpError(f"'{checkpoint}' holds a {data['form']} model; pass it as MODEL instead of --checkpoint"
@@ -60,7 +64,7 @@ def load_model(spec: str, checkpoint: str | None = None, num_classes: int | None
     state = raw_state_dict(data)
     model = create_model(spec, num_classes or _classes_in(spec, state))
     load_state(model, state, checkpoint)
-    return LoadedModel(model, spec, model.num_classes)
+    return LoadedModel(model, PruningPlan(spec), model.num_classes)
 
 
 def _classes_in(spec: str, state: dict) -> int | None:
@@ -70,7 +74,7 @@ def _classes_in(spec: str, state: dict) -> int | None:
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
-def validate_plan(discovery: Discovery, pruned: list[str], allow_costlier: bool = False) -> None:
+def validate_plan(discovery: Discovery, pruned: Iterable[str], allow_costlier: bool = False) -> None:
     """Every named block exists, is supported and (unless allowed) gets cheaper."""
     if not pruned:
         raise PlanError("the plan is empty: name at least one block (see 'updp blocks MODEL')")
@@ -150,7 +154,7 @@ def staged_outputs(out: Path) -> Iterator[Path]:
                 path.rmdir()
 
 
-def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, checkpoint: str | None = None,
+def merge_and_export(spec: str, pruned: Iterable[str], out_dir: str | os.PathLike, checkpoint: str | None = None,
                      img_size: int | None = None, allow_costlier: bool = False,
                      num_classes: int | None = None) -> dict:
     """Merge ``pruned`` blocks of a model and write ``merged.pt``, ``merged.onnx`` and ``merge.json``.
@@ -161,18 +165,18 @@ def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, c
     out = Path(out_dir)
     check_out_dir(out)
     loaded = load_model(spec, checkpoint, num_classes)
-    pruned = list(dict.fromkeys([*loaded.pruned, *pruned]))
+    plan = loaded.plan.with_blocks(pruned)
     # A pruned checkpoint's own model has its blocks wrapped: cost the plain architecture.
-    original = (create_model(loaded.name, loaded.num_classes) if loaded.pruned else loaded.model).eval()
+    original = (create_model(loaded.name, loaded.num_classes) if loaded.plan else loaded.model).eval()
     input_size = default_input_size(original, img_size)
-    validate_plan(find_blocks(original, input_size), pruned, allow_costlier)
-    subnet = apply_plan(copy.deepcopy(loaded.model), pruned, lam=0.0).eval()
+    validate_plan(find_blocks(original, input_size), plan, allow_costlier)
+    subnet = apply_plan(copy.deepcopy(loaded.model), plan, lam=0.0).eval()
     merged = merge_model(subnet)
     x = torch.randn(1, *input_size)
     with staged_outputs(out) as stage:
         _export(merged, input_size, default_input_size(original), stage / "merged.onnx")  # fails fastest
         report = {
-            "model": loaded.name, "pruned": pruned, "input_size": list(input_size),
+            "model": loaded.name, "pruned": plan.to_str(), "n_pruned": len(plan), "input_size": list(input_size),
             "params_before": count_params(original), "params_after": count_params(merged),
             "macs_before": count_macs(original, x), "macs_after": count_macs(merged, x),
             **_merge_errors(subnet, input_size),
@@ -180,7 +184,7 @@ def merge_and_export(spec: str, pruned: list[str], out_dir: str | os.PathLike, c
             "context": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                         "device": "cpu", "diff_inputs": "random normal, batch 2, BN statistics randomized"},
         }
-        save_checkpoint(stage / "merged.pt", Checkpoint(merged, loaded.name, loaded.num_classes, pruned, "merged",
+        save_checkpoint(stage / "merged.pt", Checkpoint(merged, plan, loaded.num_classes, "merged",
                                                         {"input_size": list(input_size)}))
         write_json(stage / "merge.json", report)
     return report

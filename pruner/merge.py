@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from updp.errors import PlanError
+from updp.core.errors import PlanError
 from updp.pruner.plan import apply_plan, progressive_blocks
 from updp.pruner.registry import family_for
 

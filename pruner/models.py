@@ -6,7 +6,7 @@ import difflib
 import timm
 from torch import nn
 
-from updp.errors import UnknownModelError, UpdpError
+from updp.core.errors import UnknownModelError, UpdpError
 
 
 class InputSizeError(UpdpError):

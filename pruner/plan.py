@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from updp.errors import PlanError
+from updp.core.errors import PlanError
 from updp.pruner.progressive import ProgressiveBlock
 from updp.pruner.registry import family_for, supported_classes
 

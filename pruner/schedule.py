@@ -5,7 +5,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 
 @dataclass(frozen=True)

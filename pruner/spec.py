@@ -1,8 +1,7 @@
-"""Facts about blocks and plans: small frozen dataclasses with stable keys."""
+"""Facts about blocks: a small frozen dataclass per prunable block (plans are ``updp.core.plan``)."""
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -44,19 +43,3 @@ class BlockSpec:
         d["supported"] = self.supported
         d["worthwhile"] = self.worthwhile
         return d
-
-
-@dataclass(frozen=True)
-class PruningPlan:
-    """Which blocks of ``model`` are pruned; ``key`` joins scores, latencies and trials."""
-
-    model: str
-    pruned: frozenset[str] = field(default_factory=frozenset)
-
-    @property
-    def key(self) -> str:
-        body = self.model + "|" + ",".join(sorted(self.pruned))
-        return hashlib.sha1(body.encode()).hexdigest()[:16]
-
-    def __len__(self) -> int:
-        return len(self.pruned)

@@ -8,25 +8,31 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from updp.fileio import atomic_path, write_text
+from updp.core.fileio import atomic_path, write_text
+from updp.search.study import trial_plan
 
 COLUMNS = ["trial", "state", "score", "latency_ms", "latency_source", "n_pruned", "pruned", "loss",
            "predicted_latency_ms", "feasible", "score_s", "latency_s", "fail_reason", "duplicate_of"]
 
 
-def trials_frame(study: optuna.Study, budget_ms: float | None = None) -> pd.DataFrame:
+RULE = ("Every figure, the front and the best plan use each trial's own objective values: top-1 of the "
+        "supernet on held-out images, and latency measured where the trial was measured (latency_source "
+        "'measured'), else predicted by the latency table.")
+
+
+def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None) -> pd.DataFrame:
+    """One row per trial; ``score`` and ``latency_ms`` are the trial's objective values (see ``RULE``)."""
     rows = []
-    verified = study.user_attrs.get("verified_latency_ms", {})
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
         done = t.state == TrialState.COMPLETE
-        checked = str(t.number) in verified
-        latency = verified[str(t.number)] if checked else a.get("latency_ms")
+        latency = t.values[1] if done else a.get("latency_ms")
+        source = a.get("latency_source")
         rows.append({
             "trial": t.number, "state": t.state.name, "score": t.values[0] if done else math.nan,
-            "latency_ms": latency, "latency_source": "measured" if checked else a.get("latency_source"),
-            "n_pruned": a.get("n_pruned"), "pruned": ";".join(a.get("pruned", [])), "loss": a.get("loss"),
-            "predicted_latency_ms": a.get("latency_ms") if a.get("latency_source") == "predicted" else None,
+            "latency_ms": latency, "latency_source": source,
+            "n_pruned": a.get("n_pruned"), "pruned": trial_plan(t, model).to_str(), "loss": a.get("loss"),
+            "predicted_latency_ms": latency if source == "predicted" else a.get("predicted_latency_ms"),
             "feasible": bool(done and (budget_ms is None or (latency is not None and latency <= budget_ms))),
             "score_s": a.get("score_s"), "latency_s": a.get("latency_s"),
             "fail_reason": a.get("fail_reason") or a.get("dropped"), "duplicate_of": a.get("duplicate_of")})
@@ -90,7 +96,7 @@ def _md_table(df: pd.DataFrame) -> str:
 
 def write_report(run_dir: Path, study: optuna.Study, context: dict, budget_ms: float | None) -> dict:
     """Write the four report files into ``run_dir``; returns the best plan under the budget."""
-    df = trials_frame(study, budget_ms)
+    df = trials_frame(study, context.get("model", ""), budget_ms)
     front = pareto_front(df)
     for name, frame in (("trials.csv", df), ("pareto.csv", front)):
         with atomic_path(run_dir / name) as tmp:
@@ -111,7 +117,7 @@ def _markdown(df, front, best, context, budget_ms) -> str:
     failed = df[df.state == "FAIL"]
     pruned = df[df.state == "PRUNED"]
     repeats = int(pruned.duplicate_of.notna().sum())
-    lines = [f"# updp search report: {context.get('model')}", "", "## Context", ""]
+    lines = [f"# updp search report: {context.get('model')}", "", RULE, "", "## Context", ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
     lines += ["", "## Best plan under the budget", ""]
     if best is None:
@@ -119,7 +125,7 @@ def _markdown(df, front, best, context, budget_ms) -> str:
     else:
         lines += [f"- trial {int(best.trial)}: supernet top-1 {best.score:.2f} %, latency {best.latency_ms:.4g} ms "
                   f"({best.latency_source}), {int(best.n_pruned)} blocks pruned",
-                  f"- pruned: {best.pruned.replace(';', ', ') or '(none)'}"]
+                  f"- pruned: {best.pruned.replace(',', ', ') or '(none)'}"]
     if budget_ms:
         lines.append(f"- budget: {budget_ms:.4g} ms")
     lines += ["", "## Pareto front", "", "![Pareto front](pareto.png)", "",

@@ -14,30 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from updp.search.supernet import Supernet
-from updp.training import evaluate
+from updp.train.bn import bn_modules, recalibrate_bn
+from updp.train.loop import evaluate
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
-
-
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Batches) -> None:
-    """Re-estimate BN running statistics as a plain average over ``batches``."""
-    bns = _bn_modules(model)
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative moving average
-    was = model.training
-    model.train()
-    for x, _ in batches:
-        model(x)
-    model.train(was)
-    for bn, m in zip(bns, saved):
-        bn.momentum = m
 
 
 def _finetune(model: nn.Module, batches: Iterable, steps: int, lr: float) -> None:
@@ -64,7 +44,7 @@ def score_plan(supernet: Supernet, pruned: Iterable[str], calib: Batches, held_o
         _finetune(model, finetune_batches or calib, finetune_steps, lr)
         recalibrate_bn(model, calib)
         return evaluate(model, held_out)
-    bns = _bn_modules(supernet.model)
+    bns = bn_modules(supernet.model)
     saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
     try:
         recalibrate_bn(supernet.model, calib)

@@ -3,21 +3,25 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
+from updp.core.plan import PruningPlan
 from updp.pruner.spec import BlockSpec
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Candidate blocks (worthwhile, not kept) grouped by stage, with a per-stage cap."""
+    """Candidate blocks (worthwhile, not kept) of ``model`` grouped by stage, with a per-stage cap."""
 
+    model: str
     candidates: tuple[BlockSpec, ...]
     max_per_stage: int | None = None
 
     @classmethod
-    def build(cls, blocks: list[BlockSpec], keep: list[str] = (), max_per_stage: int | None = None) -> "SearchSpace":
+    def build(cls, model: str, blocks: list[BlockSpec], keep: list[str] = (),
+              max_per_stage: int | None = None) -> "SearchSpace":
         names = {b.name for b in blocks}
         unknown = [k for k in keep if k not in names]
         if unknown:
@@ -25,7 +29,7 @@ class SearchSpace:
         candidates = tuple(b for b in blocks if b.worthwhile and b.name not in keep)
         if not candidates:
             raise UpdpError("no block is left to prune: none is worthwhile (merged form cheaper) or all are kept")
-        return cls(candidates, max_per_stage)
+        return cls(model, candidates, max_per_stage)
 
     @property
     def names(self) -> list[str]:
@@ -42,20 +46,24 @@ class SearchSpace:
         n = len(self.stages[stage])
         return n if self.max_per_stage is None else min(n, self.max_per_stage)
 
-    def repair(self, pruned: set[str]) -> frozenset[str]:
+    def plan(self, names: Iterable[str] = ()) -> PruningPlan:
+        return PruningPlan(self.model, frozenset(names))
+
+    def repair(self, pruned: Iterable[str]) -> PruningPlan:
         """Drop pruned blocks beyond the per-stage cap (latest blocks of the stage first)."""
+        pruned = set(pruned)
         out = set()
         for stage, names in self.stages.items():
             chosen = [n for n in names if n in pruned]
             out.update(chosen[:self.cap(stage)])
-        return frozenset(out)
+        return self.plan(out)
 
-    def suggest(self, trial, mode: str = "blocks") -> frozenset[str]:
+    def suggest(self, trial, mode: str = "blocks") -> PruningPlan:
         """A plan from an Optuna trial: one boolean per block, or a pruned count per stage."""
         if mode == "blocks":
             return self.repair({n for n in self.names if trial.suggest_categorical(n, [False, True])})
         if mode == "stages":
-            return frozenset(n for s, names in self.stages.items()
+            return self.plan(n for s, names in self.stages.items()
                              for n in self._by_saving(names)[:trial.suggest_int(f"stage{s}", 0, self.cap(s))])
         raise UpdpError(f"unknown search space '{mode}'; use 'blocks' or 'stages'")
 
@@ -64,26 +72,26 @@ class SearchSpace:
         saving = {b.name: b.macs - b.merged_macs for b in self.candidates}
         return sorted(names, key=lambda n: (-saving[n], -names.index(n)))
 
-    def params(self, pruned: frozenset[str], mode: str = "blocks") -> dict:
+    def params(self, pruned: PruningPlan, mode: str = "blocks") -> dict:
         """Trial parameters that reproduce ``pruned`` (for ``study.enqueue_trial``)."""
         if mode == "blocks":
             return {n: n in pruned for n in self.names}
         return {f"stage{s}": sum(n in pruned for n in names) for s, names in self.stages.items()}
 
-    def most_pruned(self, rng: random.Random) -> frozenset[str]:
-        return frozenset(n for s, names in self.stages.items() for n in rng.sample(names, self.cap(s)))
+    def most_pruned(self, rng: random.Random) -> PruningPlan:
+        return self.plan(n for s, names in self.stages.items() for n in rng.sample(names, self.cap(s)))
 
-    def random_plan(self, rng: random.Random) -> frozenset[str]:
+    def random_plan(self, rng: random.Random) -> PruningPlan:
         return self.repair({n for n in self.names if rng.random() < 0.5})
 
-    def seed_plans(self, mode: str = "blocks") -> list[frozenset[str]]:
+    def seed_plans(self, mode: str = "blocks") -> list[PruningPlan]:
         """Unpruned, most pruned (latest blocks), every other block, one middle block per stage."""
-        plans = [frozenset(),
-                 self.repair(set(self.names)) if mode == "blocks" else
-                 frozenset(n for s, names in self.stages.items() for n in self._by_saving(names)[:self.cap(s)]),
-                 self.repair(set(self.names[1::2])),
-                 frozenset(names[len(names) // 2] for names in self.stages.values())]
+        plans = [self.plan(),
+                 self.repair(self.names) if mode == "blocks" else
+                 self.plan(n for s, names in self.stages.items() for n in self._by_saving(names)[:self.cap(s)]),
+                 self.repair(self.names[1::2]),
+                 self.plan(names[len(names) // 2] for names in self.stages.values())]
         if mode == "stages":
-            plans = [frozenset(n for s, names in self.stages.items()
+            plans = [self.plan(n for s, names in self.stages.items()
                                for n in self._by_saving(names)[:sum(x in p for x in names)]) for p in plans]
         return list(dict.fromkeys(plans))

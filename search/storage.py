@@ -28,7 +28,7 @@ from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrial
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 MAX_RETRY = 2  # a trial whose plan kills its worker (OOM, driver crash) is not retried forever
 RUN_ATTRS = ("worker", "fail_reason", "duplicate_of", "dropped")  # a trial's own run: not carried to a retry

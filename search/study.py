@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
+import inspect
 import json
 import os
+import re
 import socket
 import time
 import warnings
@@ -25,15 +28,16 @@ from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from updp.errors import UpdpError
-from updp.fileio import pid_alive
+from updp.core.errors import UpdpError
+from updp.core.fileio import pid_alive
+from updp.core.plan import PruningPlan
 from updp.search.space import SearchSpace
 from updp.search.storage import (RetryOnce, open_lock, open_storage, redact_url, retried_trial, storage_url,
                                  study_lock)
 
 __all__ = ["CandidateFailed", "Objective", "fail_stale_trials", "finish_study", "make_sampler", "open_storage",
-           "open_study", "optimize", "plan_key", "redact_url", "retried_trial", "seed_study", "storage_url",
-           "summary_counts", "worker_id", "worker_seed", "worker_slot"]
+           "open_study", "optimize", "redact_url", "retried_trial", "SAMPLERS", "seed_study", "storage_url", "trial_plan",
+           "measured_count", "summary_counts", "worker_id", "worker_seed", "worker_slot"]
 
 _SLOTS: dict[tuple[int, Path], int] = {}  # (pid, lock dir) -> slot; its lock file stays open while the process runs
 
@@ -83,14 +87,48 @@ def worker_seed(seed: int, worker: int) -> int:
     return seed if worker == 0 else (seed + worker * 0x9E3779B1) % 2 ** 32
 
 
-def make_sampler(name: str, seed: int, trials: int, worker: int = 0):
-    """NSGA-II or TPE, seeded per worker; both read the latency-budget constraint each trial sets."""
+SAMPLERS = ("nsga2", "tpe", "gp", "random")
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int, trials: int, worker: int = 0):
+    """An Optuna sampler, seeded per worker: a name of ``SAMPLERS``, ``module:Class``, or an instance.
+
+    ``module:Class`` names an installed sampler class (an OptunaHub package, your
+    own module); it must subclass ``optuna.samplers.BaseSampler`` and is built
+    with ``seed=`` when it takes one. An instance is used as it is.
+    """
+    if isinstance(sampler, optuna.samplers.BaseSampler):
+        return sampler
     seed = worker_seed(seed, worker)
-    if name == "nsga2":
+    if sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=max(10, min(50, trials // 5)), seed=seed)
-    if name == "tpe":
+    if sampler == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
-    raise UpdpError(f"unknown sampler '{name}'; use 'nsga2' or 'tpe'")
+    if sampler == "gp":
+        try:
+            return optuna.samplers.GPSampler(seed=seed)
+        except ImportError as e:
+            raise UpdpError(f"the gp sampler needs scipy ({e}); pip install scipy, or use another sampler") from None
+    if sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if isinstance(sampler, str) and _IMPORT_PATH.match(sampler):
+        return _imported_sampler(sampler, seed)
+    raise UpdpError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)} or an import path "
+                    "module:Class of an Optuna sampler")
+
+
+def _imported_sampler(path: str, seed: int) -> optuna.samplers.BaseSampler:
+    module, _, name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except ImportError as e:
+        raise UpdpError(f"cannot import sampler module '{module}' ({e}); install it or fix --sampler") from None
+    if not (isinstance(cls, type) and issubclass(cls, optuna.samplers.BaseSampler)):
+        raise UpdpError(f"--sampler {path}: '{name}' is not an Optuna sampler class "
+                        "(a subclass of optuna.samplers.BaseSampler)")
+    takes_seed = "seed" in inspect.signature(cls.__init__).parameters
+    return cls(seed=seed) if takes_seed else cls()
 
 
 def open_study(storage, name: str, sampler) -> optuna.Study:
@@ -206,61 +244,91 @@ def optimize(study: optuna.Study, objective: Callable, target: int, callbacks=()
 
 # --- the objective ----------------------------------------------------------------------------
 
-def plan_key(plan: frozenset[str]) -> str:
-    return ";".join(sorted(plan))
+def trial_plan(trial: optuna.trial.FrozenTrial, model: str) -> PruningPlan:
+    """The plan a trial evaluated: its ``plan`` attribute (``PruningPlan.to_str``).
+
+    Trials of release 0.1.0 studies kept a sorted list in ``pruned`` instead.
+    """
+    a = trial.user_attrs
+    return PruningPlan.from_str(model, a["plan"]) if "plan" in a else PruningPlan(model, a.get("pruned", ()))
 
 
-def _other_trial_with_plan(trial: optuna.Trial, key: str) -> int | None:
+def _other_trial_with_plan(trial: optuna.Trial, plan: PruningPlan) -> int | None:
     """Record the trial's plan; the number of another COMPLETE or RUNNING trial with the same plan.
 
     Record first, then look, under the study lock: of workers racing on one plan
     exactly one goes on (without a lock, as with MySQL, at most one).
     """
     with study_lock(trial.study):
-        trial.set_user_attr("plan_key", key)
+        trial.set_user_attr("plan", plan.to_str())
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
-            if t.number != trial.number and t.user_attrs.get("plan_key") == key:
+            if t.number != trial.number and trial_plan(t, plan.model) == plan:
                 return t.number
     return None
 
 
+def _dominated(study: optuna.Study, score: float, ms: float) -> bool:
+    """Whether a COMPLETE trial of ``study`` is at least as good on both objectives (top-1 up, ms down)."""
+    return any(t.values[0] >= score and t.values[1] <= ms
+               for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def measured_count(study: optuna.Study) -> int:
+    return sum(t.user_attrs.get("latency_source") == "measured" and t.user_attrs.get("predicted_latency_ms")
+               is not None for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
 class Objective:
     """Scores a trial's plan with the supernet and gives its latency: (top-1 up, ms down).
+
+    ``latency(plan)`` gives ``(ms, source, context)``: measured, or predicted by
+    the latency table. With ``verify`` (hybrid mode), a predicted plan whose
+    point would join the current Pareto front is measured before the trial
+    ends, up to ``verify_top`` plans per study: the trial's latency value (the
+    one the sampler, the front and the report use) is then the measured one,
+    its prediction kept in ``predicted_latency_ms``.
 
     A plan another trial has evaluated (or is evaluating) is not scored again:
     the trial is PRUNED with ``duplicate_of`` set.
     """
 
     def __init__(self, space: SearchSpace, mode: str, scorer: Callable, latency: Callable,
-                 budget_ms: float | None):
+                 budget_ms: float | None, verify: Callable | None = None, verify_top: int = 0):
         self.space, self.mode, self.scorer, self.latency, self.budget_ms = space, mode, scorer, latency, budget_ms
+        self.verify, self.verify_top = verify, verify_top
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", worker_id())  # first: from here on a killed worker is detected by pid
         plan = self.space.suggest(trial, self.mode)
-        trial.set_user_attr("pruned", sorted(plan))
         trial.set_user_attr("n_pruned", len(plan))
-        twin = _other_trial_with_plan(trial, plan_key(plan))
+        twin = _other_trial_with_plan(trial, plan)
         if twin is not None:
             trial.set_user_attr("duplicate_of", twin)
             raise optuna.TrialPruned(f"plan already evaluated by trial {twin}")
         return self._evaluate(trial, plan)
 
-    def _evaluate(self, trial: optuna.Trial, plan: frozenset[str]) -> tuple[float, float]:
-        t0 = time.perf_counter()
+    def _latency(self, trial: optuna.Trial, fn: Callable, plan: PruningPlan) -> tuple[float, str, dict]:
         try:
-            ms, source, context = self.latency(plan)
+            return fn(plan)
         except CandidateFailed as e:
             trial.set_user_attr("fail_reason", str(e))
             raise
+
+    def _evaluate(self, trial: optuna.Trial, plan: PruningPlan) -> tuple[float, float]:
+        t0 = time.perf_counter()
+        ms, source, context = self._latency(trial, self.latency, plan)
         t1 = time.perf_counter()
         score = self.scorer(plan)
         t2 = time.perf_counter()
+        if (self.verify and source == "predicted" and plan and measured_count(trial.study) < self.verify_top
+                and not _dominated(trial.study, score["top1"], ms)):
+            trial.set_user_attr("predicted_latency_ms", ms)
+            ms, source, context = self._latency(trial, self.verify, plan)
         trial.set_user_attr("latency_ms", ms)
         trial.set_user_attr("latency_source", source)
         trial.set_user_attr("latency_context", json.loads(json.dumps(context, default=str)))
         trial.set_user_attr("loss", score["loss"])
-        trial.set_user_attr("latency_s", t1 - t0)
+        trial.set_user_attr("latency_s", t1 - t0 + time.perf_counter() - t2)
         trial.set_user_attr("score_s", t2 - t1)
         if self.budget_ms:
             trial.set_constraint("latency_budget", ms - self.budget_ms)  # feasible when <= 0

@@ -29,7 +29,7 @@ def toy_space():
 
     blocks = [BlockSpec(f"stages.{s}.blocks.{i}", s, i, "toy", "ToyBlock", 8, 8, 1, macs=100 + 10 * i, params=10,
                         merged_macs=50) for s, n in enumerate((3, 4, 3)) for i in range(n)]
-    return SearchSpace.build(blocks)
+    return SearchSpace.build("toy", blocks)
 
 
 class Scorer:
@@ -38,7 +38,7 @@ class Scorer:
     def __init__(self, work_dir: Path, sleep_s: float):
         self.busy, self.sleep_s = work_dir / f"busy-{os.getpid()}", sleep_s
 
-    def __call__(self, plan: frozenset[str]) -> dict:
+    def __call__(self, plan) -> dict:
         tmp = self.busy.with_suffix(".tmp")
         tmp.write_text(repr(time.monotonic()))
         tmp.replace(self.busy)
@@ -46,7 +46,7 @@ class Scorer:
         return {"top1": 80.0 - 2.0 * len(plan) - 0.1 * sum(len(n) for n in plan), "loss": 1.0 + 0.01 * len(plan)}
 
 
-def latency(plan: frozenset[str]):
+def latency(plan):
     return 10.0 - 0.5 * len(plan) - 0.01 * sum(int(n[-1]) for n in plan), "predicted", {"toy": True}
 
 
@@ -155,7 +155,7 @@ def check(study, target: int, workers: int, kills: int) -> dict:
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert target <= counts["complete"] <= target + workers - 1, counts
     assert counts["running"] == 0 and counts["waiting"] == 0, counts
-    plans = Counter(t.user_attrs["plan_key"] for t in trials if t.state == TrialState.COMPLETE)
+    plans = Counter(t.user_attrs["plan"] for t in trials if t.state == TrialState.COMPLETE)
     assert not [p for p, n in plans.items() if n > 1], "a plan was evaluated twice"
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(failed) == kills, [(t.number, t.user_attrs) for t in failed]

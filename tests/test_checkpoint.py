@@ -11,8 +11,8 @@ from helpers import randomize_layer_scale
 from torch import nn
 
 import updp.pruner.checkpoint as checkpoint_module
-from updp.errors import CheckpointError
-from updp.pruner import (Checkpoint, apply_plan, create_model, load_checkpoint, merge_model, progressive_blocks,
+from updp.core.errors import CheckpointError
+from updp.pruner import (Checkpoint, PruningPlan, apply_plan, create_model, load_checkpoint, merge_model, progressive_blocks,
                          save_checkpoint)
 from updp.pruner.checkpoint import load_state
 from updp.pruner.families.convnext import MergedConvNeXt
@@ -37,7 +37,7 @@ def build(form: str) -> Checkpoint:
     """A checkpoint of each form, with non-trivial weights everywhere."""
     model = {"original": _original, "pruned": _pruned, "merged": lambda: merge_model(_pruned())}[form]()
     pruned = [] if form == "original" else list(PLAN)
-    return Checkpoint(model, MODEL, NUM_CLASSES, pruned, form, {"input_size": [3, 32, 32], "note": form})
+    return Checkpoint(model, PruningPlan(MODEL, pruned), NUM_CLASSES, form, {"input_size": [3, 32, 32], "note": form})
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_round_trip_is_exact(tmp_path: Path, x: torch.Tensor, form: str):
     ckpt = build(form)
     save_checkpoint(tmp_path / "model.pt", ckpt)
     loaded = load_checkpoint(tmp_path / "model.pt")
-    assert (loaded.model_name, loaded.num_classes, loaded.pruned, loaded.form, loaded.meta) == (
-        MODEL, NUM_CLASSES, ckpt.pruned, form, ckpt.meta)
+    assert (loaded.model_name, loaded.num_classes, loaded.plan, loaded.form, loaded.meta) == (
+        MODEL, NUM_CLASSES, ckpt.plan, form, ckpt.meta)
     assert loaded.model.state_dict().keys() == ckpt.model.state_dict().keys()
     assert torch.equal(outputs(loaded.model, x), outputs(ckpt.model, x))
 
@@ -91,14 +91,14 @@ def test_round_trip_differs_from_fresh_weights(tmp_path: Path, x: torch.Tensor):
 def test_merged_checkpoint_matches_the_pruned_subnet(tmp_path: Path, x: torch.Tensor):
     save_checkpoint(tmp_path / "pruned.pt", build("pruned"))
     subnet = load_checkpoint(tmp_path / "pruned.pt").model
-    save_checkpoint(tmp_path / "merged.pt", Checkpoint(merge_model(subnet), MODEL, NUM_CLASSES, PLAN, "merged"))
+    save_checkpoint(tmp_path / "merged.pt", Checkpoint(merge_model(subnet), PruningPlan(MODEL, PLAN), NUM_CLASSES, "merged"))
     merged = load_checkpoint(tmp_path / "merged.pt").model
     torch.testing.assert_close(outputs(merged, x), outputs(subnet, x), rtol=1e-4, atol=1e-5)
 
 
 def test_pruned_checkpoint_keeps_its_lambda(tmp_path: Path, x: torch.Tensor):
     model = apply_plan(_original(), PLAN, lam=0.5)
-    save_checkpoint(tmp_path / "model.pt", Checkpoint(model, MODEL, NUM_CLASSES, PLAN, "pruned"))
+    save_checkpoint(tmp_path / "model.pt", Checkpoint(model, PruningPlan(MODEL, PLAN), NUM_CLASSES, "pruned"))
     loaded = load_checkpoint(tmp_path / "model.pt").model
     assert torch.equal(outputs(loaded, x), outputs(model, x))
 

@@ -17,8 +17,8 @@ from helpers import randomize_layer_scale
 
 from updp import __version__
 from updp.cli import main
-from updp.errors import UnknownModelError
-from updp.pruner import create_model, load_checkpoint, merge_model
+from updp.core.errors import UnknownModelError
+from updp.pruner import PruningPlan, create_model, load_checkpoint, merge_model
 
 MODEL = "convnext_atto"
 PLAN = ["stages.0.blocks.1", "stages.2.blocks.0"]
@@ -162,7 +162,7 @@ def test_merge_writes_its_three_files(merged):
 def test_merge_report_shows_a_smaller_exact_model(merged):
     _, report = merged
     assert REPORT_KEYS <= report.keys()
-    assert report["model"] == MODEL and report["pruned"] == PLAN and report["input_size"] == [3, 64, 64]
+    assert report["model"] == MODEL and report["pruned"] == ",".join(PLAN) and report["input_size"] == [3, 64, 64]
     assert report["params_after"] < report["params_before"]
     assert report["macs_after"] < report["macs_before"]
     assert report["max_abs_diff_fp64"] < 1e-10
@@ -181,7 +181,7 @@ def test_merge_savings_are_the_blocks_savings(capsys, merged):
 def test_merged_checkpoint_loads_and_matches_onnx(merged):
     out, _ = merged
     ckpt = load_checkpoint(out / "merged.pt")
-    assert (ckpt.form, ckpt.pruned, ckpt.model_name) == ("merged", PLAN, MODEL)
+    assert (ckpt.form, ckpt.plan, ckpt.model_name) == ("merged", PruningPlan(MODEL, PLAN), MODEL)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = ckpt.model.eval()(x).numpy()
@@ -198,7 +198,7 @@ def test_merge_plan_from_a_json_file(capsys, tmp_path: Path, content):
     assert code == 0 and err == ""
     assert out.startswith(f"merged 1 blocks of {MODEL} into ")
     report = json.loads((tmp_path / "out" / "merge.json").read_text())
-    assert report["pruned"] == PLAN[:1] and report["macs_after"] < report["macs_before"]
+    assert report["pruned"] == PLAN[0] and report["macs_after"] < report["macs_before"]
 
 
 def test_merge_uses_checkpoint_weights(tmp_path: Path, merged):
@@ -302,14 +302,14 @@ def test_fine_tuned_state_dict_loads_without_num_classes(capsys, tmp_path: Path)
     code, out, err = cli(capsys, "blocks", MODEL, "--img-size", "64", "--checkpoint", str(ckpt), "--format", "json")
     assert code == 0, err
     report = run_merge(*MERGE, "--plan", PLAN[0], "--checkpoint", str(ckpt), "--out", str(tmp_path / "m"))
-    assert load_checkpoint(tmp_path / "m" / "merged.pt").num_classes == 10 and report["pruned"] == [PLAN[0]]
+    assert load_checkpoint(tmp_path / "m" / "merged.pt").num_classes == 10 and report["pruned"] == PLAN[0]
 
 
 def test_blocks_of_a_pruned_checkpoint_marks_the_pruned_blocks(capsys, tmp_path: Path):
     from updp.pruner import Checkpoint, apply_plan, save_checkpoint
 
     model = apply_plan(create_model(MODEL), PLAN, lam=0.0)
-    save_checkpoint(tmp_path / "p.pt", Checkpoint(model, MODEL, 1000, PLAN, "pruned"))
+    save_checkpoint(tmp_path / "p.pt", Checkpoint(model, PruningPlan(MODEL, PLAN), 1000, "pruned"))
     code, out, _ = cli(capsys, "blocks", str(tmp_path / "p.pt"), "--img-size", "64", "--format", "json")
     rows = json.loads(out)
     assert code == 0 and [r["name"] for r in rows] == ATTO_BLOCKS
@@ -320,7 +320,7 @@ def test_merge_refuses_a_checkpoint_mid_fade(capsys, tmp_path: Path):
     from updp.pruner import Checkpoint, apply_plan, save_checkpoint
 
     model = apply_plan(create_model(MODEL), PLAN, lam=0.5)
-    save_checkpoint(tmp_path / "p.pt", Checkpoint(model, MODEL, 1000, PLAN, "pruned"))
+    save_checkpoint(tmp_path / "p.pt", Checkpoint(model, PruningPlan(MODEL, PLAN), 1000, "pruned"))
     code, _, err = cli(capsys, "merge", str(tmp_path / "p.pt"), "--img-size", "64", "--out", str(tmp_path / "o"))
     assert_user_error(code, err, "lambda 0.5")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from updp.cli import main
 from updp.pruner import create_model, load_checkpoint
@@ -34,9 +35,16 @@ def _error(capsys, *argv):
 @pytest.mark.slow
 def test_run_whole_pipeline_then_rerun_is_a_no_op(capsys, tmp_path):
     run_dir = tmp_path / "demo"
-    code, out, err = run(capsys, "run", *SHORT, "--run", run_dir)
+    cfg = yaml.safe_load(DEMO_CFG.read_text())
+    del cfg["latency"]["img_size"]  # unset: search and final stage time at the training size alike
+    (tmp_path / "demo.yaml").write_text(yaml.safe_dump(cfg))
+    short = [a if a != DEMO_CFG else tmp_path / "demo.yaml" for a in SHORT[:-2]]
+    code, out, err = run(capsys, "run", *short, "--run", run_dir)
     assert code == 0, err
     final = json.loads((run_dir / "final.json").read_text())
+    search = json.loads((run_dir / "search_summary.json").read_text())
+    assert search["context"]["latency_input"] == "3x32x32" and final["latency_input"] == "1x3x32x32"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["latency"]["img_size"] == 32  # recorded
     assert final["max_abs_logit_diff_merged_vs_subnet"] < 1e-4 and final["n_pruned"] >= 1
     assert final["params_merged"] < final["params_baseline"]
     assert "## Final model" in (run_dir / "report.md").read_text() and (run_dir / "pareto.png").is_file()
@@ -47,7 +55,7 @@ def test_run_whole_pipeline_then_rerun_is_a_no_op(capsys, tmp_path):
     got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(got, merged(x).numpy(), rtol=1e-3, atol=1e-4)
-    code, out, _ = run(capsys, "run", *SHORT, "--run", run_dir)
+    code, out, _ = run(capsys, "run", *short, "--run", run_dir)
     assert code == 0 and "nothing to do" in out
     code, out, err = run(capsys, "train", "--run", run_dir)  # the README's form: the run's own config
     assert code == 0 and "nothing to do" in out, err

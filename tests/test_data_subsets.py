@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from updp.data import fixed_batches, labels, load_splits, stratified_indices
+from updp.train.data import fixed_batches, labels, load_splits, stratified_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "cifar10_demo.npz"

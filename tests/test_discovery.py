@@ -262,7 +262,7 @@ def test_other_block_classes_skip_containers_and_known_blocks(model: str, expect
 
 @pytest.mark.parametrize("size", [(3, 1, 1), (3, 0, 0)])
 def test_input_too_small_for_the_model_is_a_user_error(size):
-    from updp.errors import UpdpError
+    from updp.core.errors import UpdpError
 
     with pytest.raises(UpdpError, match="--img-size"):
         find_blocks(create_model("test_convnext"), size)

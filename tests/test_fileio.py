@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from updp.fileio import WriteError, atomic_path, remove_stale_tmp, write_json
+from updp.core.fileio import WriteError, atomic_path, remove_stale_tmp, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_temporary_file_of_a_killed_writer_is_removed_at_the_next_start(tmp_path):
     script = textwrap.dedent(f"""
         import os, time
-        from updp.fileio import atomic_path
+        from updp.core.fileio import atomic_path
         with atomic_path({str(tmp_path / 'supernet.pt')!r}) as tmp:
             with open(tmp, 'wb') as f:
                 f.write(b'x' * 1000); f.flush()
@@ -40,7 +40,7 @@ def test_temporary_file_of_a_killed_writer_is_removed_at_the_next_start(tmp_path
 
 
 def test_updp_run_cleans_stale_tmp_files_of_the_run_directory(tmp_path):
-    from updp.search.runner import prepare_run_dir
+    from updp.pipeline.search import prepare_run_dir
 
     (tmp_path / ".baseline.pt.999999999.abcd.tmp").write_bytes(b"half")
     (tmp_path / "user.tmp").write_text("not ours")

@@ -20,8 +20,8 @@ from torch import nn
 from torch.testing import assert_close
 
 from updp.cli import main
-from updp.errors import UpdpError
-from updp.onnx_export import ExportError, export_onnx
+from updp.core.errors import UpdpError
+from updp.core.onnx_export import ExportError, export_onnx
 from updp.pruner import apply_plan, create_model, find_blocks, load_checkpoint, merge_model
 from updp.pruner.verify import randomize_bn_stats
 

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 import pgserver
 import study_workers as sw
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.search import study as st
 
 BINDIR = pgserver.find_bindir()

@@ -8,12 +8,13 @@ import pandas as pd
 import pytest
 import torch
 
-from updp.config import from_dict
-from updp.data import load_splits
-from updp.errors import UpdpError
-from updp.pruner import create_model, progressive_blocks
-from updp.progressive import finalize, schedule_for, train_plan
-from updp.search.config import RunConfig, TrainPlanConfig
+from updp.core.config import from_dict
+from updp.train.data import load_splits
+from updp.core.errors import UpdpError
+from updp.pipeline.final import finalize
+from updp.pruner import PruningPlan, create_model, progressive_blocks
+from updp.train.progressive_training import schedule_for, train_plan
+from updp.pipeline.config import RunConfig, TrainPlanConfig
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "cifar10_demo.npz"
 PLAN = ["stages.1.blocks.0", "stages.2.blocks.2"]
@@ -21,13 +22,27 @@ PLAN = ["stages.1.blocks.0", "stages.2.blocks.2"]
 
 @pytest.fixture(scope="module")
 def splits():
-    return load_splits(DEMO, 32)
+    return splits_()
 
 
 def _cfg(**train):
     return from_dict(RunConfig, {"model": "test_convnext", "data": {"root": str(DEMO), "batch_size": 64},
                                  "latency": {"backend": "onnxruntime", "threads": 2, "runs": 20},
                                  "train": {"epochs": 0.2, "lambda_end_frac": 0.5, **train}})
+
+
+def _train(cfg: RunConfig, out: Path, baseline=None):
+    return train_plan(_baseline() if baseline is None else baseline, PruningPlan("test_convnext", PLAN), splits_(), cfg.train, out,
+                      batch_size=cfg.data.batch_size, seed=cfg.search.seed)
+
+
+_SPLITS = {}
+
+
+def splits_():
+    if "s" not in _SPLITS:
+        _SPLITS["s"] = load_splits(DEMO, 32)
+    return _SPLITS["s"]
 
 
 def _baseline():
@@ -43,16 +58,16 @@ def test_schedules_reach_zero_at_the_configured_fraction():
 
 
 def test_training_fades_lambda_and_ends_pruned(tmp_path, splits):
-    student = train_plan(_baseline(), PLAN, splits, _cfg(), tmp_path)
+    student = _train(_cfg(), tmp_path)
     assert all(b.lam == 0.0 for b in progressive_blocks(student).values())
     metrics = pd.read_csv(tmp_path / "train_metrics.csv")
     assert "lambda" in metrics and metrics["lambda"].iloc[-1] == 0.0 and "val_top1" in metrics
 
 
 def test_interrupted_training_resumes_exactly(tmp_path, splits, monkeypatch):
-    import updp.progressive as prog
+    import updp.train.progressive_training as prog
 
-    full = train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.3), tmp_path / "a")
+    full = _train(_cfg(epochs=0.3), tmp_path / "a")
     real_kd, calls = prog.kd_loss, {"n": 0}
 
     def ctrl_c_in_step_6(*args, **kwargs):  # the user presses Ctrl-C in the middle of a step
@@ -63,30 +78,31 @@ def test_interrupted_training_resumes_exactly(tmp_path, splits, monkeypatch):
 
     monkeypatch.setattr(prog, "kd_loss", ctrl_c_in_step_6)
     with pytest.raises(KeyboardInterrupt):
-        train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.3), tmp_path / "b")
+        _train(_cfg(epochs=0.3), tmp_path / "b")
     state = torch.load(tmp_path / "b" / "train.pt", weights_only=False)
     assert state["step"] == 5 and not state["complete"]
     monkeypatch.setattr(prog, "kd_loss", real_kd)
-    resumed = train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.3), tmp_path / "b")
+    resumed = _train(_cfg(epochs=0.3), tmp_path / "b")
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), k
 
 
 def test_finalize_merges_exactly_on_real_images(tmp_path, splits):
     baseline = _baseline()
-    student = train_plan(baseline, PLAN, splits, _cfg(), tmp_path)
-    result = finalize(baseline, student, PLAN, splits, _cfg(), tmp_path, "onnxruntime", 10)
+    student = _train(_cfg(), tmp_path, baseline)
+    result = finalize(baseline, student, PruningPlan("test_convnext", PLAN), splits, _cfg(), tmp_path, "onnxruntime", 10, 32)
     assert result["max_abs_logit_diff_merged_vs_subnet"] < 1e-4
     assert abs(result["merged_top1"] - result["subnet_top1"]) <= 0.2  # at most one image flips at fp32 noise
     assert result["params_merged"] < result["params_baseline"] and result["macs_merged"] < result["macs_baseline"]
-    assert result["latency_backend"] == "onnxruntime" and result["speedup"] > 0
+    assert result["latency_backend"] == "onnxruntime" and result["latency_input"] == "1x3x32x32"
+    assert result["latency_runs"] >= 100 and 0 < result["latency_merged_ms"] < float("inf")
     for name in ("merged.pt", "merged.onnx", "pruned.pt", "final.json"):
         assert (tmp_path / name).is_file()
-    assert json.loads((tmp_path / "final.json").read_text())["pruned"] == PLAN
+    assert json.loads((tmp_path / "final.json").read_text())["pruned"] == ",".join(PLAN)
 
 
 def test_plan_with_unknown_blocks_is_refused_before_training(tmp_path):
-    from updp.run import train_and_merge
+    from updp.pipeline.run import train_and_merge
 
     with pytest.raises(UpdpError, match="not prunable"):
         train_and_merge(_cfg(), tmp_path, ["stages.7.blocks.7"])
@@ -94,7 +110,7 @@ def test_plan_with_unknown_blocks_is_refused_before_training(tmp_path):
 
 
 def test_same_seed_same_result(tmp_path, splits):
-    a = train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.1), tmp_path / "a")
+    a = _train(_cfg(epochs=0.1), tmp_path / "a")
     torch.randn(7)  # whatever happened to the global RNG before, the trainer seeds itself
-    b = train_plan(_baseline(), PLAN, splits, _cfg(epochs=0.1), tmp_path / "b")
+    b = _train(_cfg(epochs=0.1), tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

@@ -9,11 +9,11 @@ import torch
 import yaml
 
 from updp.cli import main
-from updp.config import from_dict
-from updp.errors import CheckpointError
-from updp.search.config import RunConfig
-from updp.search.runner import save_config
-from updp.training import TrainConfig, Trainer, ce_step
+from updp.core.config import from_dict
+from updp.core.errors import CheckpointError
+from updp.pipeline.config import RunConfig
+from updp.pipeline.search import save_config
+from updp.train.loop import TrainConfig, Trainer, ce_step
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "cifar10_demo.npz"
@@ -65,7 +65,7 @@ def test_updp_train_on_a_planted_run_directory_is_a_clean_error(tmp_path, capsys
 
 
 def test_the_lock_file_never_truncates_a_link_target(tmp_path, capsys):
-    from updp.search.runner import _exclusive
+    from updp.pipeline.rundir import training_lock
 
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
@@ -73,12 +73,12 @@ def test_the_lock_file_never_truncates_a_link_target(tmp_path, capsys):
     run.mkdir()
     (run / ".train.lock").symlink_to(victim)
     with pytest.raises(Exception, match="lock file"):
-        with _exclusive(run):
+        with training_lock(run):
             pass
     assert victim.read_text() == "keep me"
     (run / ".train.lock").unlink()
     (run / ".train.lock").write_text("old content")
-    with _exclusive(run):
+    with training_lock(run):
         pass
     assert (run / ".train.lock").read_text() == "old content"  # opened without truncation
 

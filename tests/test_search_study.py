@@ -20,7 +20,7 @@ import pytest
 from optuna.trial import TrialState
 
 import study_workers as sw
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.search import study as st
 from updp.search.report import best_under_budget, pareto_front, write_report
 
@@ -136,7 +136,7 @@ def test_workers_share_one_study_without_losing_trials(fast_tmp, kind):
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert 20 <= len(complete) <= 22
     assert all(t.state == TrialState.COMPLETE or "duplicate_of" in t.user_attrs for t in trials)
-    assert max(Counter(t.user_attrs["plan_key"] for t in complete).values()) == 1  # no plan evaluated twice
+    assert max(Counter(t.user_attrs["plan"] for t in complete).values()) == 1  # no plan evaluated twice
     assert len({t.user_attrs["worker"] for t in complete}) == 3
     assert sum("seed_plan" in t.user_attrs for t in trials) == len(sw.toy_space().seed_plans())  # seeded once
 
@@ -216,7 +216,7 @@ def _toy_objective(scored: list) -> st.Objective:
 
 
 def _plan_params(space, plan) -> dict:
-    return space.params(frozenset(plan), "blocks")
+    return space.params(space.plan(plan), "blocks")
 
 
 def test_a_plan_already_evaluated_is_pruned_without_scoring(tmp_path):
@@ -228,9 +228,9 @@ def test_a_plan_already_evaluated_is_pruned_without_scoring(tmp_path):
         study.enqueue_trial(_plan_params(objective.space, plan))
     study.optimize(objective, n_trials=2)
     first, second = study.trials
-    assert first.state == TrialState.COMPLETE and first.user_attrs["plan_key"] == ";".join(sorted(plan))
+    assert first.state == TrialState.COMPLETE and first.user_attrs["plan"] == objective.space.plan(plan).to_str()
     assert second.state == TrialState.PRUNED and second.user_attrs["duplicate_of"] == first.number
-    assert scored == [frozenset(plan)]
+    assert scored == [objective.space.plan(plan)]
     assert st.summary_counts(study)["duplicates_skipped"] == 1
 
 
@@ -240,16 +240,16 @@ def test_a_plan_another_worker_is_running_is_a_duplicate_but_a_failed_one_is_not
     study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s", None)
     plan = objective.space.names[3:5]
     running = study.ask()  # another worker's trial, running this plan
-    running.set_user_attr("plan_key", ";".join(sorted(plan)))
+    running.set_user_attr("plan", objective.space.plan(plan).to_str())
     failed = study.ask()
-    failed.set_user_attr("plan_key", ";".join(objective.space.names[:1]))
+    failed.set_user_attr("plan", objective.space.plan(objective.space.names[:1]).to_str())
     study.tell(failed, state=TrialState.FAIL)
     study.enqueue_trial(_plan_params(objective.space, plan))
     study.enqueue_trial(_plan_params(objective.space, objective.space.names[:1]))  # like a retry of the failed one
     study.optimize(objective, n_trials=2, catch=())
     dup, retry = study.trials[2:]
     assert dup.state == TrialState.PRUNED and dup.user_attrs["duplicate_of"] == running.number
-    assert retry.state == TrialState.COMPLETE and scored == [frozenset(objective.space.names[:1])]
+    assert retry.state == TrialState.COMPLETE and scored == [objective.space.plan(objective.space.names[:1])]
 
 
 # --- task: stale trials, retries, the end of the loop -------------------------------------------
@@ -268,7 +268,7 @@ def test_stale_trial_of_a_dead_worker_is_failed_and_retried_once(tmp_path):
     study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s", None)
     trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     trial.set_user_attr("worker", f"{socket.gethostname()}:{_dead_pid()}")
-    trial.set_user_attr("plan_key", "a;b")
+    trial.set_user_attr("plan", "a,b")
     live = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     live.set_user_attr("worker", st.worker_id())
     assert st.fail_stale_trials(study) == 1
@@ -280,7 +280,7 @@ def test_stale_trial_of_a_dead_worker_is_failed_and_retried_once(tmp_path):
     [retry] = _retries_of(study, trial.number)
     assert retry.state == TrialState.WAITING and retry.params == failed.params
     assert retry.system_attrs["failed_trial"] == trial.number and retry.system_attrs["retry_history"] == [0]
-    assert "worker" not in retry.user_attrs and retry.user_attrs["plan_key"] == "a;b"
+    assert "worker" not in retry.user_attrs and retry.user_attrs["plan"] == "a,b"
 
 
 def test_a_killed_but_unreaped_worker_is_dead(tmp_path):
@@ -323,7 +323,7 @@ def test_finish_study_drops_late_retries_only_once_the_target_is_reached(tmp_pat
 
 def test_optimize_stops_at_the_target_of_complete_trials_and_keeps_optuna_quiet(tmp_path, capfd):
     def latency(plan):
-        if plan == frozenset(objective.space.names[:2]):
+        if plan == objective.space.plan(objective.space.names[:2]):
             raise st.CandidateFailed("engine build failed")
         return sw.latency(plan)
 
@@ -382,7 +382,7 @@ def test_failed_candidate_is_a_failed_trial_and_the_study_goes_on(tmp_path):
     from updp.pruner import create_model, find_blocks
     from updp.search.space import SearchSpace
 
-    space = SearchSpace.build(find_blocks(create_model("test_convnext"), (3, 32, 32)).blocks)
+    space = SearchSpace.build("test_convnext", find_blocks(create_model("test_convnext"), (3, 32, 32)).blocks)
 
     def latency(plan):
         if "stages.1.blocks.0" in plan:
@@ -414,20 +414,74 @@ def test_report_files(tmp_path):
     study = optuna.create_study(directions=["maximize", "minimize"])
     for i in range(6):
         t = study.ask()
-        t.set_user_attr("pruned", [f"b{j}" for j in range(i)])
+        t.set_user_attr("plan", ",".join(f"b{j}" for j in range(i)))
         t.set_user_attr("n_pruned", i)
-        t.set_user_attr("latency_ms", 10.0 - i)
-        t.set_user_attr("latency_source", "predicted")
+        t.set_user_attr("latency_source", "measured" if i == 5 else "predicted")
+        if i == 5:  # verified in the trial: the measured figure is its value, the prediction kept aside
+            t.set_user_attr("predicted_latency_ms", 5.0)
         t.set_user_attr("score_s", 0.1)
         t.set_user_attr("latency_s", 0.01)
-        study.tell(t, [90.0 - i * i, 10.0 - i])
-    study.set_user_attr("verified_latency_ms", {"5": 6.0})
+        study.tell(t, [90.0 - i * i, 6.0 if i == 5 else 10.0 - i])
     summary = write_report(tmp_path, study, {"model": "m", "data": "d", "backend": "onnxruntime"}, 7.5)
     for name in ("trials.csv", "pareto.csv", "pareto.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
-    trials = pd.read_csv(tmp_path / "trials.csv")
-    assert {"trial", "score", "latency_ms", "latency_source", "pruned"} <= set(trials.columns)
-    assert trials.set_index("trial").loc[5, "latency_source"] == "measured"
+    trials = pd.read_csv(tmp_path / "trials.csv").set_index("trial")
+    assert tuple(trials.loc[5, ["latency_source", "latency_ms", "predicted_latency_ms"]]) == ("measured", 6.0, 5.0)
+    assert trials.loc[4, "predicted_latency_ms"] == trials.loc[4, "latency_ms"] == 6.0
+    assert trials.loc[3, "pruned"] == "b0,b1,b2"
+    front = pd.read_csv(tmp_path / "pareto.csv")
+    assert 5 not in set(front.trial)  # trial 4 is as fast (6.0 ms) and scores higher: one rule, trial values
+    assert {t.number for t in study.best_trials} == set(front.trial)
     assert summary["best"]["trial"] == 3  # 7.0 ms is the best score under 7.5 ms
-    assert "Best plan under the budget" in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "Best plan under the budget" in text and "own objective values" in text
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- hybrid mode: a plan predicted onto the front is measured inside its trial ------------------------
+
+def test_hybrid_measures_plans_joining_the_front_and_the_measured_figure_is_the_trial_value(tmp_path):
+    """A deterministic in-process 'measurement' (search logic only): predicted x 1.2, so verified plans move."""
+    measured = []
+
+    def verify(plan):
+        measured.append(plan)
+        return sw.latency(plan)[0] * 1.2, "measured", {"toy": True}
+
+    objective = st.Objective(sw.toy_space(), "blocks", sw.Scorer(tmp_path, 0.0), sw.latency, None,
+                             verify=verify, verify_top=4)
+    study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s",
+                          st.make_sampler("random", 0, 30))
+    st.seed_study(study, objective.space, "blocks")
+    st.optimize(study, objective, 30)
+    done = study.get_trials(states=(TrialState.COMPLETE,))
+    verified = [t for t in done if t.user_attrs["latency_source"] == "measured"]
+    assert len(verified) == len(measured) == 4 and st.measured_count(study) == 4  # verify_top, no more
+    assert all(t.user_attrs["n_pruned"] > 0 for t in verified)  # the unpruned plan is the reference, not verified
+    for t in verified:
+        assert t.values[1] == pytest.approx(1.2 * t.user_attrs["predicted_latency_ms"])
+        assert t.values[1] == t.user_attrs["latency_ms"]
+    for t in done:  # a plan measured only when no earlier trial dominated its predicted point
+        if t in verified:
+            earlier = [u for u in done if u.number < t.number]
+            assert not any(u.values[0] >= t.values[0] and u.values[1] <= t.user_attrs["predicted_latency_ms"]
+                           for u in earlier)
+    summary = write_report(tmp_path, study, {"model": "toy", "data": "d"}, None)
+    front = pd.read_csv(tmp_path / "pareto.csv")
+    assert set(front.trial) == {t.number for t in study.best_trials}  # the report and the study agree
+    assert summary["front"] == len(front)
+
+
+def test_a_plan_whose_latency_cannot_be_had_is_a_failed_trial_and_the_search_goes_on(tmp_path):
+    def latency(plan):
+        if "stages.0.blocks.0" in plan:
+            raise st.CandidateFailed("the latency table has no figure for stages.0.blocks.0 (timed out)")
+        return sw.latency(plan)
+
+    objective = st.Objective(sw.toy_space(), "blocks", sw.Scorer(tmp_path, 0.0), latency, None)
+    study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s",
+                          st.make_sampler("random", 0, 12))
+    counts = st.optimize(study, objective, 12)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert counts["complete"] == 12 and counts["fail"] == len(failed) >= 1
+    assert all("timed out" in t.user_attrs["fail_reason"] for t in failed)

@@ -6,7 +6,8 @@ import copy
 import torch
 
 from updp.pruner import create_model, find_blocks, progressive_blocks
-from updp.search.scoring import recalibrate_bn, score_plan
+from updp.search.scoring import score_plan
+from updp.train.bn import recalibrate_bn
 from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
 
@@ -14,7 +15,7 @@ from updp.search.supernet import Supernet
 def _supernet():
     torch.manual_seed(0)
     model = create_model("test_convnext", num_classes=10)
-    return Supernet(model, SearchSpace.build(find_blocks(model, (3, 32, 32)).blocks))
+    return Supernet(model, SearchSpace.build("test_convnext", find_blocks(model, (3, 32, 32)).blocks))
 
 
 def _batches(n=2, size=16, seed=0):
@@ -33,7 +34,7 @@ def test_set_plan_switches_exactly_the_named_blocks():
 def test_unpruned_supernet_is_the_original_model():
     torch.manual_seed(0)
     original = create_model("test_convnext", num_classes=10).eval()
-    sn = Supernet(copy.deepcopy(original), SearchSpace.build(find_blocks(original, (3, 32, 32)).blocks))
+    sn = Supernet(copy.deepcopy(original), SearchSpace.build("test_convnext", find_blocks(original, (3, 32, 32)).blocks))
     sn.model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

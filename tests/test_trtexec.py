@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.latency.trtexec import (TrtexecParseError, parse_export_times, parse_file, parse_log,
                                   parse_profile_metadata, parse_stats)
 

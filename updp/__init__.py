@@ -8,6 +8,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError  # noqa: E402 - after __version__, which core may read
 
 __all__ = ["UpdpError", "__version__"]

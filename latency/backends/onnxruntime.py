@@ -29,12 +29,17 @@ class OnnxRuntimeBackend(LatencyBackend):
             return "onnxruntime is not installed (pip install onnxruntime)"
         return None
 
+    @classmethod
+    def interleaved_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        # Spinning threads of the session that just ran would steal the cores from the next one.
+        return {"spin": False, **options}
+
     def _providers(self) -> list[str]:
         import onnxruntime as ort
 
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
-                from updp.errors import UpdpError
+                from updp.core.errors import UpdpError
                 raise UpdpError("ONNX Runtime has no CUDA execution provider (pip install onnxruntime-gpu)")
             return ["CUDAExecutionProvider"]
         return ["CPUExecutionProvider"]

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from updp.errors import UpdpError
-from updp.fileio import atomic_path
+from updp.core.errors import UpdpError
+from updp.core.fileio import atomic_path
 from updp.latency.base import LatencyBackend, MeasureConfig
 
 INSTALL_HINT = 'pip install "updp[trt]" (TensorRT 10 or 11 and pycuda; needs an NVIDIA GPU and its CUDA driver)'

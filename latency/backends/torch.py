@@ -17,17 +17,13 @@ class TorchBackend(LatencyBackend):
         self.compile = compile
         self.model = None
 
-    @classmethod
-    def unavailable_reason(cls) -> str | None:
-        return None
-
     def _device(self):
         import torch
 
         if self.device_arg == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device_arg.startswith("cuda") and not torch.cuda.is_available():
-            from updp.errors import UpdpError
+            from updp.core.errors import UpdpError
             raise UpdpError("torch backend: CUDA was asked for but torch sees no GPU")
         return torch.device(self.device_arg)
 
@@ -38,7 +34,7 @@ class TorchBackend(LatencyBackend):
         self.device = self._device()
         dtype = torch.float16 if cfg.precision == "fp16" else torch.float32
         if dtype == torch.float16 and self.device.type == "cpu":
-            from updp.errors import UpdpError
+            from updp.core.errors import UpdpError
             raise UpdpError("torch backend: fp16 needs a CUDA device")
         if cfg.threads and self.device.type == "cpu":
             torch.set_num_threads(cfg.threads)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable
 
 from updp import __version__
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -33,7 +33,7 @@ def cmd_blocks(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, args.checkpoint, args.num_classes)
     # A pruned checkpoint's blocks are wrapped already: list the plain architecture's.
-    model = create_model(loaded.name, loaded.num_classes) if loaded.pruned else loaded.model
+    model = create_model(loaded.name, loaded.num_classes) if loaded.plan else loaded.model
     size = default_input_size(model, args.img_size)
     found = find_blocks(model, size)
     others = ", ".join(f"{k} x{v}" for k, v in found.other_block_classes.items())
@@ -41,7 +41,7 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         raise UpdpError(f"{loaded.name} has no block of a supported family "
                         f"({f'unsupported blocks: {others}' if others else 'no other blocks found either'}); "
                         f"supported: {', '.join(supported_classes())}")
-    rows = [dict(b.as_dict(), pruned=b.name in loaded.pruned) for b in found.blocks]
+    rows = [dict(b.as_dict(), pruned=b.name in loaded.plan) for b in found.blocks]
     if args.format == "json":
         print(json.dumps(rows, indent=2))
         return 0
@@ -62,8 +62,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         print(f"unsupported ({len(names)}): {reason}")
     if others:
         print(f"not listed, of no supported family ({sum(found.other_block_classes.values())}): {others}")
-    if loaded.pruned:
-        print(f"already pruned in this checkpoint ({len(loaded.pruned)}): {', '.join(loaded.pruned)}")
+    if loaded.plan:
+        print(f"already pruned in this checkpoint ({len(loaded.plan)}): {', '.join(loaded.plan)}")
     return 0
 
 
@@ -77,7 +77,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     ratio = lambda a, b: f"{b / a:.3f}x" if a else "-"  # noqa: E731
-    print(f"merged {len(report['pruned'])} blocks of {report['model']} into {args.out}")
+    print(f"merged {report['n_pruned']} blocks of {report['model']} into {args.out}")
     print(f"  params  {_fmt_count(report['params_before']):>9} -> {_fmt_count(report['params_after']):>9}"
           f"  ({ratio(report['params_before'], report['params_after'])})")
     print(f"  MACs    {_fmt_count(report['macs_before']):>9} -> {_fmt_count(report['macs_after']):>9}"
@@ -127,10 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["text", "json"], default="text")
     p.set_defaults(func=cmd_merge)
 
-    from updp import cli_latency, cli_run, cli_search
-    cli_latency.register(sub)
-    cli_search.register(sub)
-    cli_run.register(sub)
+    from updp.cli import latency, run, search
+    latency.register(sub)
+    search.register(sub)
+    run.register(sub)
     return parser
 
 
@@ -142,7 +142,7 @@ def _os_error(e: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from updp.cli_latency import rewrite_argv
+    from updp.cli.latency import rewrite_argv
 
     parser = build_parser()
     args = parser.parse_args(rewrite_argv(list(sys.argv[1:] if argv is None else argv)))

@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from updp.errors import CheckpointError, UpdpError
-from updp.fileio import atomic_path
+from updp.core.errors import CheckpointError, UpdpError
+from updp.core.fileio import atomic_path
 
 StepFn = Callable[[torch.Tensor, torch.Tensor, int], dict]
 
@@ -135,7 +136,8 @@ class Trainer:
         self.extra_state = extra_state
         self.steps_per_epoch = len(train_set) // cfg.batch_size
         self.total_steps = max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # timm's recipe: no weight decay on 1-D parameters (norms, biases, ConvNeXt gamma, the BNs pruning adds).
+        self.opt = create_optimizer_v2(model, opt="adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
         warmup = max(1, int(cfg.warmup_frac * self.total_steps))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _cosine(s, warmup, self.total_steps))
         self.step = 0
@@ -158,14 +160,24 @@ class Trainer:
         try:
             state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state["model"])
-            self.opt.load_state_dict(state["opt"])
-            self.sched.load_state_dict(state["sched"])
+            if not state.get("complete"):  # a finished stage needs only its weights
+                self._load_optimizer(state)
             self.step, self.metrics = int(state["step"]), list(state["metrics"])
+        except CheckpointError:
+            raise
         except Exception as e:  # noqa: BLE001 - any damage to the file is reported the same way
             reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
             raise CheckpointError(f"training checkpoint '{self.ckpt}' is unreadable, unsafe or for another model "
                                   f"({type(e).__name__}: {reason}); delete it to start over") from None
         return bool(state.get("complete"))
+
+    def _load_optimizer(self, state: dict) -> None:
+        groups = len(state["opt"]["param_groups"])
+        if groups != len(self.opt.param_groups):
+            raise CheckpointError(f"training checkpoint '{self.ckpt}' was written by an older updp ({groups} "
+                                  f"optimizer group{'s' * (groups != 1)}); delete it to restart this stage")
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
 
     # --- loop ----------------------------------------------------------------------------------
 

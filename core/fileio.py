@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 
 class WriteError(UpdpError):

@@ -6,8 +6,12 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError, warn
+
+if TYPE_CHECKING:
+    from updp.core.plan import PruningPlan
 
 SUBCOMMANDS = ("measure", "import", "table", "calibrate")
 
@@ -115,7 +119,7 @@ def _check_positive(args: argparse.Namespace) -> None:
 
 def _check_plan(model_name: str, model, names: list[str]) -> None:
     """Every block a plan names exists in the model (block names do not depend on the input size)."""
-    from updp.errors import PlanError
+    from updp.core.errors import PlanError
     from updp.pruner import default_input_size, find_blocks
 
     known = {b.name for b in find_blocks(model, default_input_size(model), costed=False).blocks}
@@ -133,7 +137,7 @@ def _cache(args: argparse.Namespace):
 
 def _timer(args: argparse.Namespace):
     from updp.latency.base import MeasureConfig
-    from updp.plan_latency import PlanTimer
+    from updp.search.timing import PlanTimer
 
     cfg = MeasureConfig(batch_size=args.batch_size, precision=args.precision, min_runs=args.runs,
                         min_time_s=args.min_time, timeout_s=args.timeout, threads=args.threads)
@@ -171,19 +175,26 @@ def _emit(result, fmt: str, **extra) -> int:
     return 0 if result.ok else 1
 
 
-def cmd_measure(args: argparse.Namespace) -> int:
+def _plan(model: str, text: str | None) -> PruningPlan:
+    """The ``PruningPlan`` a ``--plan`` names (block names or a JSON file); unpruned without one."""
+    from updp.core.plan import PruningPlan
     from updp.pruner.plan import parse_plan
 
+    return PruningPlan(model, frozenset(parse_plan(text) if text else ()))
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
     _check_positive(args)
     timer = _timer(args)
-    pruned = parse_plan(args.plan) if args.plan else []
-    return _emit(timer.measure(pruned), args.format, model=args.model, pruned=sorted(pruned))
+    plan = _plan(args.model, args.plan)
+    return _emit(timer.measure(plan), args.format, model=args.model, pruned=list(plan))
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from updp.core.plan import PruningPlan
     from updp.latency.cache import CacheKey, LatencyCache
     from updp.latency.trtexec import parse_file
-    from updp.pruner import PruningPlan, create_model, default_input_size
+    from updp.pruner import create_model, default_input_size
     from updp.pruner.plan import parse_plan
 
     _check_positive(args)
@@ -194,7 +205,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     model = create_model(args.model)
     names = parse_plan(args.plan) if args.plan else []
     _check_plan(args.model, model, names)
-    pruned = frozenset(names)
+    plan = PruningPlan(args.model, frozenset(names))
     if not result.input_shape:  # not in the file: the model's own input size
         result = _replace(result, input_shape=tuple(default_input_size(model, args.img_size)))
     device = args.device or result.context.get("device")
@@ -202,11 +213,11 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise UpdpError(f"'{args.file}' names no device; pass --device NAME")
     result = _replace(result, context={**result.context, "device": device})
     version = str(result.context.get("tensorrt_version", "unknown"))
-    key = CacheKey(PruningPlan(args.model, pruned).key, args.model, tuple(result.input_shape), result.batch_size,
+    key = CacheKey(plan.key, args.model, tuple(result.input_shape), result.batch_size,
                    result.precision, "trtexec", device, (("tensorrt", version),))
     if not args.no_cache:
         LatencyCache(args.cache).put(key, result)
-    return _emit(result, args.format, model=args.model, pruned=sorted(pruned), plan_key=key.plan_key)
+    return _emit(result, args.format, model=args.model, pruned=list(plan), plan_key=key.plan_key)
 
 
 def _replace(result, **changes):
@@ -232,30 +243,34 @@ def cmd_table(args: argparse.Namespace) -> int:
     timer = _timer(args)
     blocks = _blocks(args.model, args.img_size, args.num_classes)
     print(f"timing the baseline and {len(blocks)} single-block plans, interleaved...", file=sys.stderr)
-    table = build_table(timer.measure_many, blocks)
+    table = build_table(timer.measure_many, args.model, blocks)
     out = Path(args.out or f"latency_table_{args.model}.json")
     table.save(out)
     print(f"baseline {table.baseline_ms:.4f} ms ({timer.backend.name}, {timer.device}); saved by merging each alone:")
     print(table.frame().to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for block, error in table.failed.items():
+        warn(f"block {block} could not be timed ({error}); plans with it cannot be predicted")
     print(f"wrote {out}")
     return 0
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from updp.fileio import atomic_path
+    from updp.core.fileio import atomic_path
     from updp.latency.table import LatencyTable, calibrate, error_summary, random_plans
 
     _check_positive(args)
     table = LatencyTable.load(args.table)
     timer = _timer(args)
-    plans = random_plans(list(table.saved_frac), args.plans, args.seed)
+    plans = random_plans(args.model, list(table.saved_frac), args.plans, args.seed)
     print(f"timing the baseline and {len(plans)} random plans, interleaved...", file=sys.stderr)
     df = calibrate(table, timer.measure_many, plans)
     if args.out:
         with atomic_path(args.out) as tmp:
             df.to_csv(tmp, index=False)
     summary = error_summary(df)
+    for row in df[df["error"].notna()].itertuples():
+        warn(f"plan {row.pruned} could not be timed: {row.error}")
     print(f"per-block table vs measurement on {summary['plans']} random plans ({timer.backend.name}): "
           f"median APE {summary['median_ape_pct']:.2f} %, p95 {summary['p95_ape_pct']:.2f} %, "
-          f"max {summary['max_ape_pct']:.2f} %")
+          f"max {summary['max_ape_pct']:.2f} %" + (f"; {summary['failed']} failed" if summary["failed"] else ""))
     return 0

@@ -12,11 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
 from torchvision.transforms import v2
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 IN_MEMORY_LIMIT = 60_000
 
@@ -139,7 +141,7 @@ class ImageFolderTensors(Dataset):
         return (self.transform(img) if self.transform else img), self.samples[i][1]
 
 
-def transforms(img_size: int, train: bool, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def transforms(img_size: int, train: bool, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
     """timm-style: random resized crop + flip for training, resize for evaluation."""
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if train:
@@ -159,11 +161,20 @@ class Splits:
     val: Dataset
 
 
-def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10, model=None) -> Splits:
-    """Every ``held_out_every``-th training image is held out from training for search scoring."""
+def normalization(model: nn.Module) -> dict[str, tuple[float, ...]]:
+    """The mean and std the model was trained with, as timm resolves them from its pretrained config."""
+    cfg = resolve_data_config(model=model)
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10,
+                mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> Splits:
+    """Every ``held_out_every``-th training image is held out from training for search scoring.
+
+    Images are normalized with ``mean``/``std``: pass the model's (:func:`normalization`).
+    """
     classes = check_dataset(root)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    norm = dict(mean=cfg.get("mean", (0.485, 0.456, 0.406)), std=cfg.get("std", (0.229, 0.224, 0.225)))
+    norm = dict(mean=mean, std=std)
     root = Path(root)
     if root.suffix == ".npz":
         arrays = _npz(root)

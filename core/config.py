@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import yaml
 
-from updp.errors import UpdpError
-from updp.fileio import write_text
+from updp.core.errors import UpdpError
+from updp.core.fileio import write_text
 
 T = TypeVar("T")
 
@@ -100,3 +100,70 @@ def override(obj: T, changes: dict[str, Any]) -> T:
         else:
             obj = dataclasses.replace(obj, **{head: value})
     return obj
+
+
+# --- options: a config field declared once, its command-line flag generated from it ---------------
+
+def option(default: Any = dataclasses.MISSING, help: str = "", flag: str | None = None,  # noqa: A002
+           choices: tuple | None = None, metavar: str | None = None, *, factory=None) -> Any:
+    """A config field with its command-line flag (``flag`` None: reachable with ``--set KEY=VALUE`` only)."""
+    meta = {"flag": flag, "help": help, "choices": choices, "metavar": metavar}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag:
+    key: str  # dotted config key, e.g. search.trials
+    flag: str  # e.g. --trials
+    type: Any
+    help: str
+    choices: tuple | None
+    metavar: str | None
+
+
+def flags(cls, prefix: str = "") -> list[Flag]:
+    """Every field of the dataclass tree ``cls`` that has a command-line flag, in declaration order."""
+    out = []
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            out += flags(tp, key + ".")
+        elif f.metadata.get("flag"):
+            m = f.metadata
+            out.append(Flag(key, m["flag"], tp, m["help"], m["choices"], m["metavar"]))
+    return out
+
+
+def set_key(obj: T, assignment: str) -> T:
+    """``obj`` with ``KEY=VALUE`` applied (``--set search.trials=100``); VALUE is read as YAML, then type-checked."""
+    key, sep, text = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set '{assignment}': write KEY=VALUE, e.g. --set search.trials=100")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: '{text}' is not a valid value") from None
+    data = to_dict(obj)
+    node, parts = data, key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node.get(part), dict):
+            from_dict(type(obj), _nested(parts[:i + 1], value))  # names the unknown key
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i + 1])}' is not a config section")
+        node = node[part]
+    if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+        from_dict(type(obj), _nested(parts, value))  # unknown key: the error names it and the close ones
+        raise ConfigError(f"--set {key}: '{key}' is a section; set one of its keys")
+    node[parts[-1]] = value
+    return from_dict(type(obj), data)
+
+
+def _nested(parts: list[str], value: Any) -> dict:
+    out: Any = value
+    for part in reversed(parts):
+        out = {part: out}
+    return out

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from updp.cli_search import add_run_args, resolve_config
-from updp.errors import UpdpError
+from updp.cli.search import add_run_args, resolve_config
+from updp.core.errors import UpdpError
 
 TRAIN_OVERRIDES = {"train_epochs": "train.epochs", "train_lr": "train.lr", "schedule": "train.schedule",
                    "lambda_end_frac": "train.lambda_end_frac", "kd_alpha": "train.kd_alpha"}
@@ -54,7 +54,7 @@ def _print(result: dict, run_dir) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from updp.run import run_all
+    from updp.pipeline.run import run_all
 
     cfg, run_dir = _config(args)
     _print(run_all(cfg, run_dir), run_dir)
@@ -62,13 +62,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from updp.pipeline.run import train_and_merge
+    from updp.pruner import PruningPlan
     from updp.pruner.plan import parse_plan
-    from updp.run import train_and_merge
 
     plan = parse_plan(args.plan) if args.plan is not None else None
     if plan is not None and not plan:
         raise UpdpError(f"--plan '{args.plan}' is empty: name at least one block (see 'updp blocks MODEL')")
     cfg, run_dir = _config(args)
-    _print(train_and_merge(cfg, run_dir, plan), run_dir)
+    _print(train_and_merge(cfg, run_dir, PruningPlan(cfg.model, plan) if plan else None), run_dir)
     return 0
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 
 # CLI flag -> dotted config key
 OVERRIDES = {
@@ -49,7 +49,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", metavar="URL", help="Optuna storage URL, or journal:PATH (default: RUN/study.db)")
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"])
     p.add_argument("--latency-mode", choices=["measure", "table", "hybrid"])
-    p.add_argument("--latency-img-size", type=int, metavar="PX", help="input size for latency (default: model's)")
+    p.add_argument("--latency-img-size", type=int, metavar="PX", help="input size of every latency figure, search and final (default: --img-size)")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"])
     p.add_argument("--threads", type=int)
     p.add_argument("--baseline-epochs", type=float)
@@ -72,9 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None, allow_existing: bool = False):
-    from updp.config import from_dict, load_yaml, override
-    from updp.search.config import RunConfig, validate
-    from updp.search.runner import load_run_config
+    from updp.core.config import from_dict, load_yaml, override
+    from updp.pipeline.config import RunConfig, validate
+    from updp.pipeline.search import load_run_config
 
     existing = allow_existing and args.run and not args.config and (Path(args.run) / "config.yaml").is_file()
     if args.resume or existing:  # 'updp train --run RUN' continues RUN like --resume
@@ -99,7 +99,7 @@ def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from updp.search.runner import run_search
+    from updp.pipeline.search import run_search
 
     cfg, run_dir = resolve_config(args)
     summary = run_search(cfg, run_dir)
@@ -108,7 +108,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from updp.search.runner import report_only
+    from updp.pipeline.search import report_only
 
     run_dir = Path(args.run)
     _print_summary(run_dir, report_only(run_dir))

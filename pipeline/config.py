@@ -3,7 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from updp.config import ConfigError
+from updp.core.config import ConfigError
+from updp.core.errors import UpdpError
+from updp.search.study import SAMPLERS, make_sampler
+from updp.train.progressive_training import FadeConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ class LatencyConfig:
     backend: str = "auto"
     mode: str = "hybrid"  # measure | table | hybrid
     batch_size: int = 1
-    img_size: int | None = None  # default: the model's own input size
+    img_size: int | None = None  # default: data.img_size (the size the model is trained and scored at)
     precision: str = "fp32"
     threads: int | None = None
     runs: int = 50
@@ -45,7 +48,7 @@ class LatencyConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     trials: int = 50
-    sampler: str = "nsga2"  # nsga2 | tpe
+    sampler: str = "nsga2"  # nsga2 | tpe | gp | random | module:Class
     space: str = "blocks"  # blocks (one boolean each) | stages (pruned count per stage)
     seed: int = 0
     latency_budget_ms: float | None = None
@@ -60,17 +63,10 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
-class TrainPlanConfig:
+class TrainPlanConfig(FadeConfig):
     """Progressive training of the chosen plan (method.md sections 2 and 7)."""
 
     plan: list[str] | None = None  # default: the search's best plan under the budget
-    epochs: float = 6
-    lr: float = 1e-3
-    schedule: str = "linear"  # linear | cosine
-    lambda_end_frac: float = 0.6  # lambda reaches 0 at this fraction of training
-    stagger_frac: float = 0.0  # each block starts fading this fraction of training after the previous
-    kd_alpha: float = 0.5
-    kd_temperature: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -88,7 +84,6 @@ class RunConfig:
     train: TrainPlanConfig = field(default_factory=TrainPlanConfig)
 
 
-SAMPLERS = ("nsga2", "tpe")
 SPACES = ("blocks", "stages")
 LATENCY_MODES = ("measure", "table", "hybrid")
 SCHEDULES = ("linear", "cosine")
@@ -127,7 +122,11 @@ def validate(cfg: RunConfig) -> None:
                    "search.finetune_steps train.stagger_frac", strict=False)
     _positive(cfg, "num_classes latency.img_size latency.threads search.max_per_stage search.latency_budget_ms",
               optional=True)
-    _choice("search.sampler", cfg.search.sampler, SAMPLERS)
+    if cfg.search.sampler not in SAMPLERS:  # an import path: built (imported) here, before any long work
+        try:
+            make_sampler(cfg.search.sampler, 0, cfg.search.trials)
+        except UpdpError as e:
+            raise ConfigError(f"search.sampler: {e}") from None
     _choice("search.space", cfg.search.space, SPACES)
     _choice("latency.mode", cfg.latency.mode, LATENCY_MODES)
     _choice("latency.backend", cfg.latency.backend, NAMES)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from updp.errors import UpdpError
-from updp.fileio import atomic_path
+from updp.core.errors import UpdpError
+from updp.core.fileio import atomic_path
 
 OPSET = 17
 # Tried in turn: a graph with an operator opset 17 lacks gets the TorchScript exporter's newest.

@@ -14,11 +14,11 @@ from updp import __version__
 from updp.latency.backends import resolve_backend
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import CacheKey, LatencyCache
-from updp.errors import UpdpError
+from updp.core.errors import UpdpError
 from updp.latency.interleave import measure_interleaved
 from updp.latency.isolate import measure_isolated
 from updp.latency.result import LatencyResult, failure
-from updp.onnx_export import export_onnx
+from updp.core.onnx_export import export_onnx
 from updp.pruner import PruningPlan, create_model, default_input_size, merge_model
 
 
@@ -40,25 +40,39 @@ class PlanTimer:
         extra = {("updp", __version__), ("torch_export", _torch_version()), ("threads", str(self.cfg.threads))}
         self.versions = tuple(sorted({*versions, *extra}))
 
+    def plan(self, pruned: Iterable[str] = ()) -> PruningPlan:
+        """``pruned`` as a plan of this timer's model (a ``PruningPlan`` of another model is an error)."""
+        if isinstance(pruned, PruningPlan):
+            if pruned.model != self.model_name:
+                raise UpdpError(f"a plan of {pruned.model} cannot be timed on {self.model_name}")
+            return pruned
+        return PruningPlan(self.model_name, frozenset(pruned))
+
     def key(self, pruned: Iterable[str]) -> CacheKey:
-        plan = PruningPlan(self.model_name, frozenset(pruned))
+        plan = self.plan(pruned)
         return CacheKey(plan.key, self.model_name, tuple(self.cfg.input_shape), self.cfg.batch_size,
                         self.cfg.precision, self.backend.name, self.device, self.versions)
 
     def measure(self, pruned: Iterable[str] = ()) -> LatencyResult:
-        pruned = frozenset(pruned)
+        """One plan timed alone, through the cache (a hit is returned as it was stored)."""
+        pruned = self.plan(pruned)
         key = self.key(pruned)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
-        model = merge_model(self.base, sorted(pruned)) if pruned else self.base
+        model = merge_model(self.base, pruned) if pruned else self.base
         result = self._isolated(model) if self.isolate else self.backend.measure(model, self.cfg)
         if self.cache is not None:
             self.cache.put(key, result)
         return result
 
     def measure_many(self, plans: Sequence[Iterable[str]], rounds: int = 20) -> list[LatencyResult]:
-        """Time several plans in one interleaved pass (comparable ratios on a drifting machine)."""
-        models = [merge_model(self.base, sorted(p)) if p else self.base for p in plans]
+        """Time several plans in one interleaved pass (comparable ratios on a drifting machine).
+
+        Not cached: the figures are ratios valid within this one pass. What the
+        passes produce persists elsewhere (``latency_table.json``, trial attributes, ``final.json``).
+        """
+        plans = [self.plan(p) for p in plans]
+        models = [merge_model(self.base, p) if p else self.base for p in plans]
         return measure_interleaved(self.backend.name, models, self.cfg, rounds, **self.backend_options)
 
     def _isolated(self, model) -> LatencyResult:

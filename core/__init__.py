@@ -1,0 +1,1 @@
+"""The base layer: errors, atomic file I/O, config loading, ONNX export. Imports no other updp layer."""

@@ -1,0 +1,220 @@
+"""``updp search``: one resumable run directory from inputs to the Pareto report.
+
+Stages (each skipped when already complete, so a killed run resumes):
+baseline weights, latency table, supernet training, Optuna study, hybrid
+verification, report. Every input is checked before any long work starts.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from tqdm import tqdm
+
+from updp.core.config import override
+from updp.core.errors import UpdpError, warn
+from updp.core.fileio import write_json
+from updp.core.plan import PruningPlan
+from updp.latency.base import MeasureConfig
+from updp.latency.cache import LatencyCache
+from updp.latency.table import LatencyTable, build_table, ratio
+from updp.pipeline.config import RunConfig
+from updp.pipeline.rundir import (Inputs, baseline_model, check_inputs, load_run_config, prepare_run_dir,
+                                  save_config, stage, training_lock)
+from updp.search import study as st
+from updp.search.report import write_report
+from updp.search.scoring import score_plan
+from updp.search.supernet import Supernet
+from updp.search.timing import PlanTimer
+from updp.train.data import fixed_batches
+from updp.train.loop import TrainConfig, Trainer
+
+
+def plan_timer(inp: Inputs) -> PlanTimer:
+    lc = inp.cfg.latency
+    mc = MeasureConfig(batch_size=lc.batch_size, precision=lc.precision, min_runs=lc.runs, threads=lc.threads)
+    cache = LatencyCache(inp.run_dir / "latency_cache.sqlite")
+    return PlanTimer(inp.cfg.model, lc.backend, mc, cache, inp.num_classes, inp.latency_img_size)
+
+
+def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:
+    path = inp.run_dir / "latency_table.json"
+    if path.is_file():
+        return LatencyTable.load(path)
+    print(f"updp: timing the baseline and {len(inp.space.names)} single-block plans ({timer.backend.name}, "
+          f"interleaved)...", flush=True)
+    table = build_table(timer.measure_many, inp.cfg.model, inp.space.names)
+    table.save(path)
+    return table
+
+
+def budget(inp: Inputs, table: LatencyTable) -> float | None:
+    """The latency budget in ms; an impossible one is an error before any training.
+
+    ``budget_frac`` places the budget inside the range the table measured (between the
+    baseline and the most-pruned allowed plan), so it is reachable on any machine.
+    """
+    s = inp.cfg.search
+    floor = table.predict(inp.space.repair(n for n in inp.space.names if n not in table.failed))
+    if s.budget_frac is not None:
+        if floor >= table.baseline_ms:
+            warn(f"the latency table measured no saving (most-pruned plan {floor:.4g} ms, baseline "
+                 f"{table.baseline_ms:.4g} ms): searching without a budget")
+            return None
+        return table.baseline_ms - s.budget_frac * (table.baseline_ms - floor)
+    ms = s.latency_budget_ms or (table.baseline_ms / s.target_speedup if s.target_speedup else None)
+    if ms is None:
+        return None
+    if floor > ms:
+        raise UpdpError(f"impossible budget: {ms:.4g} ms, but even the most-pruned allowed plan is predicted at "
+                        f"{floor:.4g} ms (baseline {table.baseline_ms:.4g} ms); relax the budget, "
+                        "allow more blocks per stage, keep fewer, or give --budget-frac F (a fraction of the "
+                        "measured range)")
+    return ms
+
+
+def train_supernet(inp: Inputs, model: torch.nn.Module) -> Supernet:
+    cfg = inp.cfg
+    supernet = Supernet(model, inp.space)
+    tc = TrainConfig(epochs=cfg.supernet.epochs, batch_size=cfg.data.batch_size, lr=cfg.supernet.lr,
+                     seed=cfg.search.seed)
+    step = supernet.sandwich_step(cfg.supernet.random_plans, cfg.supernet.kd_alpha, cfg.supernet.kd_temperature,
+                                  seed=cfg.search.seed)
+    Trainer(supernet.model, tc, inp.splits.train, step, inp.run_dir / "supernet.pt",
+            metrics_csv=inp.run_dir / "supernet_metrics.csv", desc="supernet").fit()
+    return supernet
+
+
+class PlanLatency:
+    """Latency of a plan for the objective: measured, or predicted by the table.
+
+    ``verify`` (hybrid mode) measures a plan interleaved with the baseline and
+    scales the ratio to the table's baseline, so it compares with predictions.
+    """
+
+    def __init__(self, mode: str, timer: PlanTimer, table: LatencyTable):
+        self.mode, self.timer, self.table = mode, timer, table
+
+    def __call__(self, plan: PruningPlan):
+        if self.mode == "measure":
+            r = self.timer.measure(plan)
+            if not r.ok:
+                raise st.CandidateFailed(r.error)
+            return r.median_ms, "measured", r.context
+        try:
+            return self.table.predict(plan), "predicted", {"table": "latency_table.json"}
+        except UpdpError as e:  # a block the table could not time
+            raise st.CandidateFailed(str(e)) from None
+
+    def verify(self, plan: PruningPlan):
+        base, mine = self.timer.measure_many([PruningPlan(plan.model), plan])
+        try:
+            r = ratio(mine, base)
+        except UpdpError as e:
+            raise st.CandidateFailed(str(e)) from None
+        context = {k: v for k, v in mine.context.items() if k != "round_medians_ms"}
+        return r * self.table.baseline_ms, "measured", {**context, "measured_ratio_to_baseline": r,
+                                                       "scaled_by_table_baseline_ms": self.table.baseline_ms}
+
+
+def _progress(total: int):
+    bar = tqdm(total=total, desc="search", unit="trial", dynamic_ncols=True)
+
+    def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        bar.n = min(done, total)
+        bar.refresh()
+        a = trial.user_attrs
+        if trial.state == TrialState.COMPLETE:
+            bar.write(f"trial {trial.number:4d}: top-1 {trial.values[0]:6.2f} %  latency {trial.values[1]:8.4f} ms "
+                      f"({a.get('latency_source')})  pruned {a.get('n_pruned')}")
+        elif "duplicate_of" in a:
+            bar.write(f"trial {trial.number:4d}: same plan as trial {a['duplicate_of']}, not scored again")
+        else:
+            bar.write(f"trial {trial.number:4d}: {trial.state.name} {trial.user_attrs.get('fail_reason', '')}")
+    return callback, bar
+
+
+def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampler | None = None) -> dict:
+    """Every stage of ``updp search``; ``sampler`` (Python only) replaces the configured one."""
+    prepare_run_dir(run_dir)
+    with stage(run_dir, "checks"):
+        inp = check_inputs(cfg, run_dir)
+        save_config(run_dir, override(cfg, {"latency.img_size": inp.latency_img_size}))  # recorded once
+        timer = plan_timer(inp)
+    with training_lock(run_dir):
+        with stage(run_dir, "latency_table"):
+            table = latency_table(inp, timer)
+            budget_ms = budget(inp, table)
+        with stage(run_dir, "baseline"):
+            model = baseline_model(inp)
+        with stage(run_dir, "supernet"):
+            supernet = train_supernet(inp, model)
+    s = cfg.search
+    worker = st.worker_slot(run_dir)
+    sampler = st.make_sampler(sampler or s.sampler, s.seed, s.trials, worker)
+    study = st.open_study(inp.storage, s.study_name, sampler)
+    st.seed_study(study, inp.space, s.space)
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done >= s.trials:
+        print(f"updp: nothing to do: the study already has {done} completed trials (asked for {s.trials}); "
+              "pass --trials N to add more", flush=True)
+        st.finish_study(study, s.trials)
+    else:
+        calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed)
+        held = fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed)
+        scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps)  # noqa: E731
+        latency = PlanLatency(cfg.latency.mode, timer, table)
+        objective = st.Objective(inp.space, s.space, scorer, latency, budget_ms,
+                                 verify=latency.verify if cfg.latency.mode == "hybrid" else None,
+                                 verify_top=cfg.latency.verify_top)
+        callback, bar = _progress(s.trials)
+        if worker:
+            print(f"updp: worker {worker} joins the study (sampler seed {st.worker_seed(s.seed, worker)})", flush=True)
+        with stage(run_dir, "search"):
+            try:
+                counts = st.optimize(study, objective, s.trials, callbacks=[callback])
+            finally:
+                bar.close()
+        print(f"updp: search: {counts['complete']} trials complete, {counts['fail']} failed, {counts['pruned']} "
+              f"pruned ({counts['duplicates_skipped']} repeated plans not scored again)", flush=True)
+    with stage(run_dir, "report"):
+        return report(run_dir, study, run_context(cfg, timer, budget_ms, table))
+
+
+def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None) -> dict:
+    return {"model": cfg.model, "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
+            "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
+            "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend.name,
+            "device": timer.device, "precision": timer.cfg.precision, "batch_size": timer.cfg.batch_size,
+            "latency_input": "x".join(map(str, timer.cfg.input_shape)),
+            "versions": ", ".join(f"{k} {v}" for k, v in timer.versions)}
+
+
+def report(run_dir: Path, study: optuna.Study, context: dict) -> dict:
+    summary = write_report(run_dir, study, context, context.get("budget_ms"))
+    write_json(run_dir / "search_summary.json", {**summary, "context": context, "time": time.time()})
+    return summary
+
+
+def report_only(run_dir: Path) -> dict:
+    """``updp report RUN``: rebuild the report from the run's study and saved context."""
+    cfg = load_run_config(run_dir)
+    storage = st.open_storage(st.storage_url(cfg.search.storage), run_dir)
+    try:
+        study = optuna.load_study(study_name=cfg.search.study_name, storage=storage)
+    except KeyError:
+        raise UpdpError(f"run '{run_dir}' has no study '{cfg.search.study_name}' yet") from None
+    saved = run_dir / "search_summary.json"
+    context = json.loads(saved.read_text())["context"] if saved.is_file() else {"model": cfg.model,
+                                                                                 "data": cfg.data.root}
+    summary = report(run_dir, study, context)
+    final = run_dir / "final.json"
+    if final.is_file():  # keep the final-model section that 'updp run' / 'updp train' added
+        from updp.pipeline.final import append_final_section
+        append_final_section(run_dir, json.loads(final.read_text()))
+    return summary

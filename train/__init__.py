@@ -1,0 +1,1 @@
+"""Training (above ``pruner``): data, the training loop, distillation, BN re-estimation, progressive training."""
