@@ -6,18 +6,6 @@ import argparse
 from updp.cli.search import add_run_args, resolve_config
 from updp.core.errors import UpdpError
 
-TRAIN_OVERRIDES = {"train_epochs": "train.epochs", "train_lr": "train.lr", "schedule": "train.schedule",
-                   "lambda_end_frac": "train.lambda_end_frac", "kd_alpha": "train.kd_alpha"}
-
-
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--train-epochs", type=float, metavar="N", help="progressive training epochs")
-    p.add_argument("--train-lr", type=float)
-    p.add_argument("--schedule", choices=["linear", "cosine"], help="lambda schedule")
-    p.add_argument("--lambda-end-frac", type=float, metavar="F", help="lambda reaches 0 at this fraction")
-    p.add_argument("--kd-alpha", type=float)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="the whole pipeline: baseline, supernet, search, progressive training, merge",
                        description="Run every stage into one run directory, skipping stages already complete "
@@ -25,7 +13,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "given, latency table, supernet, Optuna search, progressive training of the "
                                    "best plan under the budget, merge, verification, export and report.")
     add_run_args(r)
-    _add_train_args(r)
     r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("train", help="progressive training of one plan, then merge, verify, export, time",
@@ -33,14 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "with lambda fading and distillation, then merge and export it.")
     add_run_args(t)
     t.add_argument("--plan", metavar="PLAN", help="blocks to prune (names or a JSON file)")
-    _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
 
 def _config(args):
-    changes = {flag: key for flag, key in TRAIN_OVERRIDES.items()}
-    cfg, run_dir = resolve_config(args, extra=changes, allow_existing=True)
-    return cfg, run_dir
+    return resolve_config(args, allow_existing=True)
 
 
 def _print(result: dict, run_dir) -> None:

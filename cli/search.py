@@ -2,58 +2,52 @@
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 from pathlib import Path
 
 from updp.core.errors import UpdpError
 
-# CLI flag -> dotted config key
-OVERRIDES = {
-    "model": "model", "checkpoint": "checkpoint", "pretrained": "pretrained", "num_classes": "num_classes", "data": "data.root",
-    "img_size": "data.img_size", "batch_size": "data.batch_size", "trials": "search.trials",
-    "sampler": "search.sampler", "space": "search.space", "seed": "search.seed",
-    "latency_budget_ms": "search.latency_budget_ms", "target_speedup": "search.target_speedup",
-    "budget_frac": "search.budget_frac",
-    "max_per_stage": "search.max_per_stage", "finetune_steps": "search.finetune_steps",
-    "storage": "search.storage", "backend": "latency.backend", "latency_mode": "latency.mode",
-    "latency_img_size": "latency.img_size", "precision": "latency.precision", "threads": "latency.threads",
-    "baseline_epochs": "baseline.epochs", "supernet_epochs": "supernet.epochs",
-}
+def _arg_type(tp):
+    """The argparse type of a config field's annotation (``int | None`` -> int)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return _arg_type(args[0]) if len(args) == 1 and typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    """The flags shared by search, train and run (each maps to a config key)."""
+def add_run_args(p: argparse.ArgumentParser, sections: tuple[str, ...] | None = None) -> None:
+    """The flags of search, train and run: generated from the run config's fields (one declaration each).
+
+    ``sections`` limits the flags to those top-level config sections (plus the top-level keys).
+    """
+    from updp.core.config import flags
+    from updp.pipeline.config import RunConfig
+
     p.add_argument("--config", metavar="YAML", help="config file (CLI flags override it)")
     p.add_argument("--run", metavar="DIR", help="run directory (default: runs/<model>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its config.yaml, plus CLI overrides)")
-    p.add_argument("--model", help="timm model name")
-    p.add_argument("--checkpoint", metavar="FILE", help="baseline weights (default: train a baseline on DATA)")
-    p.add_argument("--pretrained", action="store_true", default=None,
-                   help="start from timm's pretrained weights (needs the model hub to be reachable)")
-    p.add_argument("--num-classes", type=int, metavar="N", help="default: the number of classes in DATA")
-    p.add_argument("--data", metavar="DIR", help="ImageFolder dataset with train/ and val/, or an .npz")
-    p.add_argument("--img-size", type=int, metavar="PX", help="training/scoring image size")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--trials", type=int, metavar="N", help="completed trials to reach")
-    p.add_argument("--sampler", choices=["nsga2", "tpe"])
-    p.add_argument("--space", choices=["blocks", "stages"], help="one boolean per block, or a count per stage")
-    p.add_argument("--seed", type=int)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--latency-budget-ms", type=float, metavar="MS")
-    g.add_argument("--target-speedup", type=float, metavar="X", help="budget = baseline latency / X")
-    g.add_argument("--budget-frac", type=float, metavar="F",
-                   help="budget = baseline - F x (baseline - most-pruned plan), both as the latency table measured "
-                        "them: 0 < F <= 1, reachable on any machine")
-    p.add_argument("--keep", action="append", metavar="BLOCK", help="never prune BLOCK (repeatable)")
-    p.add_argument("--max-per-stage", type=int, metavar="N")
-    p.add_argument("--finetune-steps", type=int, metavar="N", help="short fine-tune per candidate (default 0)")
-    p.add_argument("--storage", metavar="URL", help="Optuna storage URL, or journal:PATH (default: RUN/study.db)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"])
-    p.add_argument("--latency-mode", choices=["measure", "table", "hybrid"])
-    p.add_argument("--latency-img-size", type=int, metavar="PX", help="input size of every latency figure, search and final (default: --img-size)")
-    p.add_argument("--precision", choices=["fp32", "fp16", "int8"])
-    p.add_argument("--threads", type=int)
-    p.add_argument("--baseline-epochs", type=float)
-    p.add_argument("--supernet-epochs", type=float)
+    for f in flags(RunConfig):
+        section = f.key.split(".")[0] if "." in f.key else None
+        if sections is not None and section is not None and section not in sections:
+            continue
+        tp, kw = _arg_type(f.type), {"dest": _dest(f.key), "help": f.help, "default": None}
+        if tp is bool:
+            p.add_argument(f.flag, action="store_true", **kw)
+        elif typing.get_origin(tp) is list:
+            p.add_argument(f.flag, action="append", metavar=f.metavar, **kw)
+        else:
+            metavar = f.metavar or (None if f.choices else f.flag.lstrip("-").upper().replace("-", "_"))
+            p.add_argument(f.flag, type=tp, choices=f.choices, metavar=metavar, **kw)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config key, e.g. --set search.trials=100 --set supernet.lr=5e-4 (repeatable; "
+                        "applied after the flags)")
+
+
+def _dest(key: str) -> str:
+    return "cfg__" + key.replace(".", "__")
+
+
+def _flag_changes(args: argparse.Namespace) -> dict:
+    return {k.removeprefix("cfg__").replace("__", "."): v for k, v in vars(args).items() if k.startswith("cfg__")}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "to prune with Optuna, scoring each plan by supernet accuracy and latency on "
                                    "the target. Writes everything to the run directory; rerun with --resume "
                                    "RUN to continue (several workers may share one study).")
-    add_run_args(p)
+    add_run_args(p, sections=("data", "baseline", "supernet", "latency", "search"))
     p.set_defaults(func=cmd_search)
 
     r = sub.add_parser("report", help="rebuild a search run's report (CSV, Pareto plot, Markdown)",
@@ -71,8 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=cmd_report)
 
 
-def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None, allow_existing: bool = False):
-    from updp.core.config import from_dict, load_yaml, override
+def resolve_config(args: argparse.Namespace, allow_existing: bool = False):
+    from updp.core.config import from_dict, load_yaml, override, set_key
     from updp.pipeline.config import RunConfig, validate
     from updp.pipeline.search import load_run_config
 
@@ -83,10 +77,9 @@ def resolve_config(args: argparse.Namespace, extra: dict[str, str] | None = None
     else:
         cfg = load_yaml(RunConfig, args.config) if args.config else from_dict(RunConfig, {})
         run_dir = None
-    changes = {key: getattr(args, flag) for flag, key in {**OVERRIDES, **(extra or {})}.items()}
-    if args.keep:
-        changes["search.keep"] = list(args.keep)
-    cfg = override(cfg, changes)
+    cfg = override(cfg, _flag_changes(args))
+    for assignment in args.set:
+        cfg = set_key(cfg, assignment)
     validate(cfg)
     if run_dir is None:
         if not cfg.model:

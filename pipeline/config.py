@@ -3,90 +3,98 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from updp.core.config import ConfigError
+from updp.core.config import ConfigError, option
+from updp.latency.backends import NAMES
+from updp.latency.base import PRECISIONS
+from updp.pruner.schedule import SCHEDULES
 from updp.core.errors import UpdpError
 from updp.search.study import SAMPLERS, make_sampler
 from updp.train.progressive_training import FadeConfig
 
 
+SPACES = ("blocks", "stages")
+LATENCY_MODES = ("measure", "table", "hybrid")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    root: str = ""
-    img_size: int = 32
-    batch_size: int = 64
-    calib_images: int = 256  # BN re-estimation per candidate
-    eval_images: int = 500  # held-out training images scored per candidate
+    root: str = option("", "ImageFolder dataset with train/ and val/, or an .npz", "--data", metavar="DIR")
+    img_size: int = option(32, "training and scoring image size", "--img-size", metavar="PX")
+    batch_size: int = option(64, "training batch size", "--batch-size")
+    calib_images: int = option(256, "images for BN re-estimation per candidate")
+    eval_images: int = option(500, "held-out training images scored per candidate")
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    epochs: float = 10
-    lr: float = 2e-3
+    epochs: float = option(10, "baseline training epochs (when no checkpoint is given)", "--baseline-epochs")
+    lr: float = option(2e-3, "baseline learning rate")
 
 
 @dataclass(frozen=True)
 class SupernetConfig:
-    epochs: float = 3
-    lr: float = 1e-3
-    random_plans: int = 1  # sandwich rule: full + most pruned + this many random
-    kd_alpha: float = 0.5
-    kd_temperature: float = 2.0
+    epochs: float = option(3, "supernet training epochs", "--supernet-epochs")
+    lr: float = option(1e-3, "supernet learning rate")
+    random_plans: int = option(1, "sandwich rule: full + most pruned + this many random plans per step")
+    kd_alpha: float = option(0.5, "weight of the distillation loss")
+    kd_temperature: float = option(2.0, "distillation temperature")
 
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    backend: str = "auto"
-    mode: str = "hybrid"  # measure | table | hybrid
-    batch_size: int = 1
-    img_size: int | None = None  # default: data.img_size (the size the model is trained and scored at)
-    precision: str = "fp32"
-    threads: int | None = None
-    runs: int = 50
-    verify_top: int = 8  # hybrid: measure this many best plans at the end
+    backend: str = option("auto", "latency backend", "--backend", NAMES)
+    mode: str = option("hybrid", "measure every plan, predict from the per-block table, or predict and measure "
+                       "plans joining the front (hybrid)", "--latency-mode", LATENCY_MODES)
+    batch_size: int = option(1, "latency batch size")
+    img_size: int | None = option(None, "input size of every latency figure, search and final (default: "
+                                  "--img-size)", "--latency-img-size", metavar="PX")
+    precision: str = option("fp32", "latency precision", "--precision", PRECISIONS)
+    threads: int | None = option(None, "CPU threads for CPU backends", "--threads")
+    runs: int = option(50, "timed runs per figure")
+    verify_top: int = option(8, "hybrid: at most this many plans measured in their trials")
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    trials: int = 50
-    sampler: str = "nsga2"  # nsga2 | tpe | gp | random | module:Class
-    space: str = "blocks"  # blocks (one boolean each) | stages (pruned count per stage)
-    seed: int = 0
-    latency_budget_ms: float | None = None
-    target_speedup: float | None = None
-    # budget = baseline - F * (baseline - most-pruned plan), both from the latency table: reachable on any machine
-    budget_frac: float | None = None
-    keep: list[str] = field(default_factory=list)
-    max_per_stage: int | None = None
-    finetune_steps: int = 0
-    storage: str | None = None
-    study_name: str = "updp"
+    trials: int = option(50, "completed trials to reach", "--trials", metavar="N")
+    sampler: str = option("nsga2", f"Optuna sampler: {', '.join(SAMPLERS)}, or module:Class of an installed "
+                          "sampler (e.g. an OptunaHub one)", "--sampler", metavar="NAME")
+    space: str = option("blocks", "one boolean per block, or a pruned count per stage", "--space", SPACES)
+    seed: int = option(0, "seed of the sampler, subsets and training", "--seed")
+    latency_budget_ms: float | None = option(None, "latency budget in ms", "--latency-budget-ms", metavar="MS")
+    target_speedup: float | None = option(None, "budget = baseline latency / X", "--target-speedup", metavar="X")
+    budget_frac: float | None = option(
+        None, "budget = baseline - F x (baseline - most-pruned plan), both as the latency table measured them: "
+        "0 < F <= 1, reachable on any machine", "--budget-frac", metavar="F")
+    keep: list[str] = option(help="never prune BLOCK (repeatable)", flag="--keep", metavar="BLOCK", factory=list)
+    max_per_stage: int | None = option(None, "at most N pruned blocks per stage", "--max-per-stage", metavar="N")
+    finetune_steps: int = option(0, "short fine-tune per candidate", "--finetune-steps", metavar="N")
+    storage: str | None = option(None, "Optuna storage URL, or journal:PATH (default: RUN/study.db)", "--storage",
+                                 metavar="URL")
+    study_name: str = option("updp", "Optuna study name")
 
 
 @dataclass(frozen=True)
 class TrainPlanConfig(FadeConfig):
     """Progressive training of the chosen plan (method.md sections 2 and 7)."""
 
-    plan: list[str] | None = None  # default: the search's best plan under the budget
+    plan: list[str] | None = option(None, "blocks to prune (default: the search's best plan under the budget)")
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = ""
-    run_dir: str | None = None  # default: runs/<model>
-    checkpoint: str | None = None
-    pretrained: bool = False  # timm pretrained weights (needs the hub to be reachable)
-    num_classes: int | None = None
+    model: str = option("", "timm model name", "--model")
+    run_dir: str | None = option(None, "run directory (default: runs/<model>)")
+    checkpoint: str | None = option(None, "baseline weights (default: train a baseline on DATA)", "--checkpoint",
+                                    metavar="FILE")
+    pretrained: bool = option(False, "start from timm's pretrained weights (needs the model hub)", "--pretrained")
+    num_classes: int | None = option(None, "default: the number of classes in DATA", "--num-classes", metavar="N")
     data: DataConfig = field(default_factory=DataConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     supernet: SupernetConfig = field(default_factory=SupernetConfig)
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainPlanConfig = field(default_factory=TrainPlanConfig)
-
-
-SPACES = ("blocks", "stages")
-LATENCY_MODES = ("measure", "table", "hybrid")
-SCHEDULES = ("linear", "cosine")
 
 
 def _check(ok: bool, key: str, value, want: str) -> None:
@@ -112,9 +120,6 @@ def _choice(key: str, value, choices) -> None:
 
 def validate(cfg: RunConfig) -> None:
     """Every value checked before any long work: a bad one is a ConfigError naming the key."""
-    from updp.latency.backends import NAMES
-    from updp.latency.base import PRECISIONS
-
     _positive(cfg, "data.img_size data.batch_size data.calib_images data.eval_images baseline.lr supernet.lr "
                    "latency.batch_size latency.runs search.trials train.lr supernet.kd_temperature "
                    "train.kd_temperature")

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from updp.core.errors import UpdpError
 
 
+SCHEDULES = ("linear", "cosine")
+
 @dataclass(frozen=True)
 class LambdaSchedule:
     """Lambda 1 until ``start``, falling to 0 at ``end`` (linear or cosine), then 0.
@@ -21,8 +23,8 @@ class LambdaSchedule:
     offsets: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("linear", "cosine"):
-            raise UpdpError(f"unknown lambda schedule '{self.kind}'; use 'linear' or 'cosine'")
+        if self.kind not in SCHEDULES:
+            raise UpdpError(f"unknown lambda schedule '{self.kind}'; use one of {', '.join(SCHEDULES)}")
         if self.end < self.start:
             raise UpdpError(f"lambda schedule ends ({self.end}) before it starts ({self.start})")
 

@@ -40,15 +40,13 @@ def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None
 
 
 def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
-    """Completed plans no other plan beats on both score (up) and latency (down)."""
+    """Completed plans no other plan dominates on score (up) and latency (down): Optuna's rule, so the
+    front equals ``study.best_trials`` (equal points are all kept)."""
     done = df[df.state == "COMPLETE"].drop_duplicates("pruned").sort_values(["latency_ms", "score"],
                                                                               ascending=[True, False])
-    front, best = [], -math.inf
-    for _, row in done.iterrows():
-        if row.score > best:
-            front.append(row)
-            best = row.score
-    return pd.DataFrame(front, columns=df.columns).reset_index(drop=True)
+    points = list(zip(done.score, done.latency_ms))
+    keep = [not any(s2 >= s and l2 <= l and (s2, l2) != (s, l) for s2, l2 in points) for s, l in points]
+    return done[keep].reset_index(drop=True)
 
 
 def best_under_budget(front: pd.DataFrame, budget_ms: float | None) -> pd.Series | None:

@@ -56,7 +56,7 @@ def test_bad_flags_fail_before_any_work(capsys, tmp_path, case):
 
 CONFIGS = {
     "space": ("search:\n  space: rows\n", "search.space must be one of blocks, stages"),
-    "sampler": ("search:\n  sampler: cmaes\n", "search.sampler must be one of"),
+    "sampler": ("search:\n  sampler: cmaes\n", "unknown sampler 'cmaes'"),
     "schedule": ("train:\n  schedule: exponential\n", "train.schedule must be one of linear, cosine"),
     "lambda end 0": ("train:\n  lambda_end_frac: 0\n", "train.lambda_end_frac must be in (0, 1]"),
     "lambda end 1.2": ("train:\n  lambda_end_frac: 1.2\n", "train.lambda_end_frac"),
@@ -127,3 +127,81 @@ def test_corrupt_image_is_named(capsys, tmp_path):
     bad.write_bytes(bad.read_bytes()[:40])  # truncated
     msg = _one_line_error(capsys, ["search", *BASE, "--data", tmp_path / "data", "--run", tmp_path / "r"])
     assert str(bad) in msg and "cannot decode image" in msg
+
+
+# --- options are declared once: flags come from the config fields, --set reaches every key ------------
+
+def _resolved(argv):
+    from updp.cli.main import build_parser
+    from updp.cli.search import resolve_config
+
+    args = build_parser().parse_args([str(a) for a in argv])
+    return resolve_config(args, allow_existing=True)[0]
+
+
+def test_every_flag_sets_the_config_key_it_is_declared_on(tmp_path):
+    import dataclasses
+    import typing
+
+    from updp.cli.search import _arg_type
+    from updp.core.config import flags
+    from updp.pipeline.config import RunConfig
+
+    argv, want = ["run", "--run", tmp_path / "r"], {}
+    for f in flags(RunConfig):
+        tp = _arg_type(f.type)
+        if tp is bool:
+            argv.append(f.flag)
+            want[f.key] = True
+        elif typing.get_origin(tp) is list:
+            continue  # --keep: below
+        elif f.choices:
+            value = f.choices[-1]
+            argv += [f.flag, value]
+            want[f.key] = value
+        elif f.key in ("search.latency_budget_ms", "search.target_speedup"):
+            continue  # one budget at a time: --budget-frac is set
+        else:
+            value = {"str": "x", "int": 3, "float": 0.25}[tp.__name__]
+            argv += [f.flag, str(value)]
+            want[f.key] = value
+    argv += ["--keep", "b1", "--keep", "b2", "--sampler", "random"]
+    want.update({"search.keep": ["b1", "b2"], "search.sampler": "random"})
+    cfg = dataclasses.asdict(_resolved(argv))
+    for key, value in want.items():
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+        assert node == value, key
+    assert len(want) >= 28
+
+
+def test_set_reaches_keys_without_a_flag_and_is_type_checked(capsys, tmp_path):
+    cfg = _resolved(["search", "--model", "m", "--run", tmp_path / "r", "--set", "supernet.kd_temperature=3",
+                     "--set", "search.study_name=s2", "--set", "train.stagger_frac=0.1", "--trials", "9",
+                     "--set", "search.trials=12"])
+    assert (cfg.supernet.kd_temperature, cfg.search.study_name, cfg.train.stagger_frac) == (3.0, "s2", 0.1)
+    assert cfg.search.trials == 12  # --set comes after the flags
+    run = tmp_path / "r2"
+    for value, complaint in (("search.trials=abc", "search.trials' must be int"),
+                             ("search.trails=5", "did you mean 'trials'"),
+                             ("search=5", "must be a mapping"),
+                             ("trials", "write KEY=VALUE")):
+        assert complaint in _one_line_error(capsys, ["search", *BASE, "--run", run, "--set", value])
+    _no_work_done(run)
+
+
+def test_samplers_by_name_import_path_and_bad_ones(capsys, tmp_path):
+    from optuna.samplers import QMCSampler, RandomSampler
+
+    from updp.search import study as st
+
+    assert type(st.make_sampler("optuna.samplers:QMCSampler", 0, 10)) is QMCSampler
+    mine = RandomSampler(seed=3)
+    assert st.make_sampler(mine, 0, 10) is mine  # an instance from Python is used as it is
+    run = tmp_path / "r"
+    for sampler, complaint in (("os:system", "is not an Optuna sampler class"),
+                               ("no_such_module_x:Sampler", "cannot import sampler module 'no_such_module_x'"),
+                               ("import os; os.system('x')", "unknown sampler")):
+        assert complaint in _one_line_error(capsys, ["search", *BASE, "--run", run, "--sampler", sampler])
+    _no_work_done(run)

@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from updp.core.config import option
 from updp.pruner import LambdaSchedule, PruningPlan, apply_plan, set_lambda
+from updp.pruner.schedule import SCHEDULES
 from updp.train.data import Splits, fixed_batches
 from updp.train.loop import TrainConfig, Trainer, kd_loss
 
@@ -22,13 +24,14 @@ from updp.train.loop import TrainConfig, Trainer, kd_loss
 class FadeConfig:
     """How the pruned blocks fade and how the baseline distils them."""
 
-    epochs: float = 6
-    lr: float = 1e-3
-    schedule: str = "linear"  # linear | cosine
-    lambda_end_frac: float = 0.6  # lambda reaches 0 at this fraction of training
-    stagger_frac: float = 0.0  # each block starts fading this fraction of training after the previous
-    kd_alpha: float = 0.5
-    kd_temperature: float = 2.0
+    epochs: float = option(6, "progressive training epochs", "--train-epochs", metavar="N")
+    lr: float = option(1e-3, "progressive training learning rate", "--train-lr")
+    schedule: str = option("linear", "lambda schedule", "--schedule", SCHEDULES)
+    lambda_end_frac: float = option(0.6, "lambda reaches 0 at this fraction of training", "--lambda-end-frac",
+                                    metavar="F")
+    stagger_frac: float = option(0.0, "each block starts fading this fraction of training after the previous")
+    kd_alpha: float = option(0.5, "weight of the distillation loss (the rest: cross-entropy)", "--kd-alpha")
+    kd_temperature: float = option(2.0, "distillation temperature")
 
 
 def schedule_for(fc: FadeConfig, plan: list[str], total_steps: int) -> LambdaSchedule:
