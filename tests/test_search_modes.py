@@ -1,0 +1,103 @@
+"""Latency modes through whole searches, workers that wait for the training, failed latencies as failed trials."""
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from optuna.trial import TrialState
+
+from updp.latency.result import failure, summarize
+from updp.latency.table import LatencyTable
+from updp.pipeline.search import PlanLatency
+from updp.pruner import PruningPlan
+from updp.search import study as st
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+DATA = ROOT / "data" / "cifar10_demo.npz"
+
+
+def _updp(*args) -> list[str]:
+    return [sys.executable, "-m", "updp", *map(str, args)]
+
+
+def _study(run: Path) -> optuna.Study:
+    return optuna.load_study(study_name="updp", storage=f"sqlite:///{run / 'study.db'}")
+
+
+def test_a_block_the_table_could_not_time_fails_the_trial_with_the_reason():
+    table = LatencyTable(1.0, {"a": 0.1}, failed={"b": "timed out after 60 s in round 3 of 20"})
+    latency = PlanLatency("table", None, table)
+    assert latency(PruningPlan("m", {"a"}))[:2] == (pytest.approx(0.9), "predicted")
+    with pytest.raises(st.CandidateFailed, match="timed out after 60 s"):
+        latency(PruningPlan("m", {"a", "b"}))
+
+
+class _Timer:
+    """measure_many as a pass where the plan's variant failed (search logic only; timing is tested elsewhere)."""
+
+    def measure_many(self, plans):
+        fields = dict(backend="onnxruntime", precision="fp32", batch_size=1, input_shape=(3, 32, 32))
+        return [summarize([1.0, 1.0], context={"round_medians_ms": [1.0]}, **fields),
+                failure("RuntimeError: engine build failed in round 1 of 20", **fields)]
+
+
+def test_a_hybrid_verification_that_fails_fails_the_trial():
+    latency = PlanLatency("hybrid", _Timer(), LatencyTable(1.0, {"a": 0.1}))
+    with pytest.raises(st.CandidateFailed, match="engine build failed"):
+        latency.verify(PruningPlan("m", {"a"}))
+
+
+@pytest.mark.slow
+def test_measure_mode_times_every_plan_through_the_cache(tmp_path):
+    run = tmp_path / "run"
+    done = subprocess.run(_updp("search", "--config", TINY, "--data", DATA, "--run", run, "--latency-mode",
+                                "measure", "--trials", "6"), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    study = _study(run)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 6
+    assert {t.user_attrs["latency_source"] for t in complete} == {"measured"}
+    assert all(t.user_attrs["latency_context"].get("backend") == "onnxruntime" or
+               "onnxruntime" in str(t.user_attrs["latency_context"]) for t in complete)
+    with sqlite3.connect(run / "latency_cache.sqlite") as db:
+        tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+        rows = sum(db.execute(f"select count(*) from {t}").fetchone()[0] for t in tables)
+    assert rows >= len({st.trial_plan(t, "test_convnext") for t in complete})  # each timed plan is cached
+    front = pd.read_csv(run / "pareto.csv")
+    assert set(front.trial) == {t.number for t in study.best_trials}
+    assert set(front.latency_source) == {"measured"}
+
+
+@pytest.mark.slow
+def test_a_second_worker_waits_for_the_training_and_joins_the_study(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    first = subprocess.Popen(_updp("search", "--config", TINY, "--data", DATA, "--run", run, "--trials", "8",
+                                   "--baseline-epochs", "1.5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=ROOT, env=env)
+    deadline = time.monotonic() + 120
+    while not (run / "config.yaml").is_file():
+        assert first.poll() is None and time.monotonic() < deadline, "the first worker never wrote its config"
+        time.sleep(0.05)
+    second = subprocess.Popen(_updp("search", "--resume", run), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=env)
+    time.sleep(1.0)
+    assert not (run / "supernet.pt").exists()  # the second worker arrived while the first was training
+    out1, err1 = first.communicate(timeout=300)
+    out2, err2 = second.communicate(timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, (err1[-1500:], err2[-1500:])
+    assert "baseline" in err1 and "supernet" in err1  # the first trained both (progress bars)
+    assert "baseline" not in err2 and "supernet" not in err2 and "timing the baseline" not in out2  # reused
+    assert "joins the study" in out2
+    complete = _study(run).get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) >= 8
+    plans = [st.trial_plan(t, "test_convnext") for t in complete]
+    assert len(set(plans)) == len(plans)
