@@ -20,7 +20,7 @@ def context() -> dict:
 
 
 def write_results(name: str, df: pd.DataFrame, title: str, notes: str = "") -> None:
-    """``results/NAME.csv`` plus a Markdown table with the run's context."""
+    """``results/NAME.csv`` and ``results/NAME.md`` (title, notes, table, the run's context; also printed)."""
     RESULTS.mkdir(exist_ok=True)
     df.to_csv(RESULTS / f"{name}.csv", index=False)
     ctx = "\n".join(f"- {k}: {v}" for k, v in context().items())

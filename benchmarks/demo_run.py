@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-
 from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,15 +12,15 @@ import dataclasses
 from pathlib import Path
 
 import pandas as pd
-
 from common import write_results
+
 from updp.core.config import from_dict
-from updp.train.data import fixed_batches, load_splits
+from updp.pipeline.config import RunConfig
+from updp.pipeline.final import train_plan
 from updp.pruner import create_model
 from updp.pruner.checkpoint import load_state, raw_state_dict, read_file
-from updp.pipeline.final import train_plan
-from updp.pipeline.config import RunConfig
 from updp.search.scoring import recalibrate_bn
+from updp.train.data import fixed_batches, load_splits
 from updp.train.loop import evaluate
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"

@@ -8,8 +8,8 @@ from __future__ import annotations
 import statistics
 
 import pandas as pd
-
 from common import write_results
+
 from updp.latency.base import MeasureConfig
 from updp.search.timing import PlanTimer
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import pandas as pd
 from common import RESULTS, write_results
+
 from updp.latency.base import MeasureConfig
 from updp.latency.table import build_table, calibrate, error_summary, random_plans
-from updp.search.timing import PlanTimer
 from updp.pruner import create_model, default_input_size, find_blocks
+from updp.search.timing import PlanTimer
 
 MODELS = ("convnext_tiny", "mobilenetv2_100")
 PLANS = 30

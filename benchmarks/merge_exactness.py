@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-
 from common import write_results
+
 from updp.pruner import apply_plan, create_model, find_blocks
 from updp.pruner.verify import merge_error
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import onnxruntime as ort
 import pandas as pd
 import torch
-
 from common import write_results
+
 from updp.core.onnx_export import export_onnx
 from updp.pruner import create_model, merge_model
 from updp.pruner.cost import count_macs, count_params

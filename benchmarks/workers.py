@@ -28,7 +28,6 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-
 from common import write_results
 
 ROOT = Path(__file__).resolve().parents[1]

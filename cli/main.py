@@ -50,7 +50,8 @@ def cmd_blocks(args: argparse.Namespace) -> int:
         return 0
     table = pd.DataFrame([{
         "name": b.name, "stage": b.stage, "family": b.family, "in": b.in_chs, "out": b.out_chs,
-        "stride": b.stride, "MACs": _fmt_count(b.macs), "merged MACs": _fmt_count(b.merged_macs) if b.supported else "-",
+        "stride": b.stride, "MACs": _fmt_count(b.macs),
+        "merged MACs": _fmt_count(b.merged_macs) if b.supported else "-",
         "params": _fmt_count(b.params), "merged params": _fmt_count(b.merged_params) if b.supported else "-",
         "worthwhile": "yes" if b.worthwhile else ("no" if b.supported else "unsupported"),
     } for b in found.blocks])

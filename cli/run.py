@@ -6,6 +6,7 @@ import argparse
 from updp.cli.search import add_run_args, resolve_config
 from updp.core.errors import UpdpError
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("run", help="the whole pipeline: baseline, supernet, search, progressive training, merge",
                        description="Run every stage into one run directory, skipping stages already complete "

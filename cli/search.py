@@ -8,6 +8,7 @@ from pathlib import Path
 
 from updp.core.errors import UpdpError
 
+
 def _arg_type(tp):
     """The argparse type of a config field's annotation (``int | None`` -> int)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -111,7 +112,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def _print_summary(run_dir: Path, summary: dict) -> None:
     best = summary.get("best")
     print(f"{summary.get('complete', summary['trials'])} completed trials ({summary.get('fail', 0)} failed, "
-          f"{summary.get('pruned', 0)} pruned), {summary['front']} on the Pareto front; report: {run_dir / 'report.md'}, "
+          f"{summary.get('pruned', 0)} pruned), {summary['front']} on the Pareto front; "
+          f"report: {run_dir / 'report.md'}, "
           f"plot: {run_dir / 'pareto.png'}")
     if best:
         print(f"best plan under the budget: trial {int(best['trial'])}, top-1 {best['score']:.2f} %, "

@@ -4,13 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from updp.core.config import ConfigError, option
+from updp.core.errors import UpdpError
 from updp.latency.backends import NAMES
 from updp.latency.base import PRECISIONS
 from updp.pruner.schedule import SCHEDULES
-from updp.core.errors import UpdpError
 from updp.search.study import SAMPLERS, make_sampler
 from updp.train.progressive_training import FadeConfig
-
 
 SPACES = ("blocks", "stages")
 LATENCY_MODES = ("measure", "table", "hybrid")

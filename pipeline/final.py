@@ -8,20 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from updp.train.data import Splits, fixed_batches
 from updp.core.fileio import write_json
+from updp.core.onnx_export import check_onnx, export_onnx
 from updp.latency.base import MeasureConfig
 from updp.latency.interleave import measure_interleaved
 from updp.latency.table import ratio
-from updp.core.onnx_export import export_onnx, run_onnx
+from updp.pipeline.config import RunConfig
 from updp.pruner import Checkpoint, PruningPlan, merge_model, save_checkpoint
 from updp.pruner.cost import count_macs, count_params
-from updp.pipeline.config import RunConfig
 from updp.train.bn import recalibrate_bn
+from updp.train.data import Splits, fixed_batches
 from updp.train.loop import evaluate
 
 
@@ -43,8 +42,7 @@ def finalize(baseline: nn.Module, student: nn.Module, plan: PruningPlan, splits:
     save_checkpoint(out_dir / "merged.pt", Checkpoint(merged, plan, num_classes, "merged",
                                                       {"input_size": list(shape)}))
     onnx = export_onnx(merged, (1, *shape), out_dir / "merged.onnx")
-    x = val[0][0][:1]
-    onnx_diff = float(np.abs(run_onnx(onnx, x.numpy()) - merged(x).detach().numpy()).max())
+    onnx_diff = check_onnx(onnx, merged, val[0][0][:1])  # a real validation image
     latency = _latency(baseline, merged, cfg, backend, latency_img_size)
     x1 = torch.zeros(1, *shape)
     result = {
@@ -74,7 +72,9 @@ def _latency(baseline: nn.Module, merged: nn.Module, cfg: RunConfig, backend: st
 
 def _plan_text(result: dict) -> str:
     pruned = result["pruned"]  # a list in final.json files of release 0.1.0
-    plan = PruningPlan(result["model"], pruned) if isinstance(pruned, list) else PruningPlan.from_str(result["model"], pruned)
+    if isinstance(pruned, list):
+        return ", ".join(PruningPlan(result["model"], pruned))
+    plan = PruningPlan.from_str(result["model"], pruned)
     return ", ".join(plan)
 
 
@@ -96,7 +96,8 @@ def final_section(result: dict) -> str:
         f"| MACs (input {result.get('macs_input', '')}) | {result['macs_baseline']:,} | {result['macs_merged']:,} |",
         lat, "",
         f"Merged vs trained subnet on real validation images: max abs logit difference "
-        f"{result['max_abs_logit_diff_merged_vs_subnet']:.3g}; ONNX Runtime vs torch {result['onnx_max_abs_diff']:.3g}.",
+        f"{result['max_abs_logit_diff_merged_vs_subnet']:.3g}; "
+        f"ONNX Runtime vs torch {result['onnx_max_abs_diff']:.3g}.",
         "Files: merged.pt, merged.onnx, pruned.pt, final.json, train_metrics.csv.", ""])
 
 

@@ -8,12 +8,12 @@ import pandas as pd
 
 from updp.core.errors import UpdpError
 from updp.latency.backends import resolve_backend
-from updp.pruner import PruningPlan
-from updp.pipeline.final import append_final_section, finalize
 from updp.pipeline import rundir
-from updp.pipeline.search import run_search
-from updp.train.progressive_training import train_plan
 from updp.pipeline.config import RunConfig
+from updp.pipeline.final import append_final_section, finalize
+from updp.pipeline.search import run_search
+from updp.pruner import PruningPlan
+from updp.train.progressive_training import train_plan
 
 
 def choose_plan(cfg: RunConfig, run_dir: Path) -> PruningPlan:

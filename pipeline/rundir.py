@@ -108,7 +108,8 @@ def baseline_model(inp: Inputs) -> torch.nn.Module:
         return model
     tc = TrainConfig(epochs=cfg.baseline.epochs, batch_size=cfg.data.batch_size, lr=cfg.baseline.lr)
     Trainer(model, tc, inp.splits.train, ce_step(model), inp.run_dir / "baseline.pt",
-            val_batches=fixed_batches(inp.splits.val, 1000, cfg.search.seed), metrics_csv=inp.run_dir / "baseline_metrics.csv",
+            val_batches=fixed_batches(inp.splits.val, 1000, cfg.search.seed),
+            metrics_csv=inp.run_dir / "baseline_metrics.csv",
             desc="baseline").fit()
     return model
 

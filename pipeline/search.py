@@ -23,8 +23,16 @@ from updp.latency.base import MeasureConfig
 from updp.latency.cache import LatencyCache
 from updp.latency.table import LatencyTable, build_table, ratio
 from updp.pipeline.config import RunConfig
-from updp.pipeline.rundir import (Inputs, baseline_model, check_inputs, load_run_config, prepare_run_dir,
-                                  save_config, stage, training_lock)
+from updp.pipeline.rundir import (
+    Inputs,
+    baseline_model,
+    check_inputs,
+    load_run_config,
+    prepare_run_dir,
+    save_config,
+    stage,
+    training_lock,
+)
 from updp.search import study as st
 from updp.search.report import write_report
 from updp.search.scoring import score_plan

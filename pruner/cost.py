@@ -42,7 +42,8 @@ def count_macs(module: nn.Module, *inputs: torch.Tensor) -> int:
         detail = (str(e).strip().splitlines() or [""])[0][:200]
         shape = "x".join(map(str, inputs[0].shape)) if inputs else "no"
         raise CostError(f"cannot count the MACs of {type(module).__name__} on a {shape} input "
-                        f"({type(e).__name__}: {detail}); updp cannot cost this model, so it does not support it") from e
+                        f"({type(e).__name__}: {detail}); updp cannot cost this model, "
+                        "so it does not support it") from e
     return int(counter.get_total_flops() // 2)
 
 

@@ -11,17 +11,23 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import timm
 import torch
 from torch import nn
 
 from updp.core.errors import PlanError, UpdpError
 from updp.core.fileio import write_json
+from updp.core.onnx_export import ExportError, check_onnx, export_onnx
 from updp.core.plan import PruningPlan
-from updp.core.onnx_export import ExportError, export_onnx, run_onnx
-from updp.pruner.checkpoint import (Checkpoint, is_updp_checkpoint, load_checkpoint, load_state, raw_state_dict,
-                                    read_file, save_checkpoint)
+from updp.pruner.checkpoint import (
+    Checkpoint,
+    is_updp_checkpoint,
+    load_checkpoint,
+    load_state,
+    raw_state_dict,
+    read_file,
+    save_checkpoint,
+)
 from updp.pruner.cost import count_macs, count_params
 from updp.pruner.discovery import Discovery, find_blocks
 from updp.pruner.merge import merge_model
@@ -89,16 +95,6 @@ def validate_plan(discovery: Discovery, pruned: Iterable[str], allow_costlier: b
         if not spec.worthwhile and not allow_costlier:
             raise PlanError(f"block '{name}' ({spec.family}) merges into a costlier form "
                             f"({spec.merged_macs:,} vs {spec.macs:,} MACs); drop it or pass --allow-costlier")
-
-
-def _onnx_check(merged: nn.Module, path: Path, input_size: tuple[int, int, int]) -> float:
-    x = torch.randn(1, *input_size)
-    with torch.no_grad():
-        want = merged(x).numpy()
-    got = run_onnx(path, x.numpy())
-    if not np.allclose(got, want, rtol=1e-3, atol=1e-4 * max(1.0, float(np.abs(want).max()))):
-        raise UpdpError(f"ONNX Runtime output differs from torch (max abs diff {np.abs(got - want).max():.3g})")
-    return float(np.abs(got - want).max())
 
 
 def _merge_errors(subnet: nn.Module, input_size: tuple[int, int, int]) -> dict:
@@ -180,7 +176,7 @@ def merge_and_export(spec: str, pruned: Iterable[str], out_dir: str | os.PathLik
             "params_before": count_params(original), "params_after": count_params(merged),
             "macs_before": count_macs(original, x), "macs_after": count_macs(merged, x),
             **_merge_errors(subnet, input_size),
-            "onnx_max_abs_diff": _onnx_check(merged, stage / "merged.onnx", input_size),
+            "onnx_max_abs_diff": check_onnx(stage / "merged.onnx", merged, x),
             "context": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
                         "device": "cpu", "diff_inputs": "random normal, batch 2, BN statistics randomized"},
         }

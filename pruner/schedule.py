@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from updp.core.errors import UpdpError
 
-
 SCHEDULES = ("linear", "cosine")
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
     done = df[df.state == "COMPLETE"].drop_duplicates("pruned").sort_values(["latency_ms", "score"],
                                                                               ascending=[True, False])
     points = list(zip(done.score, done.latency_ms))
-    keep = [not any(s2 >= s and l2 <= l and (s2, l2) != (s, l) for s2, l2 in points) for s, l in points]
+    keep = [not any(s2 >= s and ms2 <= ms and (s2, ms2) != (s, ms) for s2, ms2 in points) for s, ms in points]
     return done[keep].reset_index(drop=True)
 
 

@@ -32,11 +32,11 @@ from updp.core.errors import UpdpError
 from updp.core.fileio import pid_alive
 from updp.core.plan import PruningPlan
 from updp.search.space import SearchSpace
-from updp.search.storage import (RetryOnce, open_lock, open_storage, redact_url, retried_trial, storage_url,
-                                 study_lock)
+from updp.search.storage import RetryOnce, open_lock, open_storage, redact_url, retried_trial, storage_url, study_lock
 
 __all__ = ["CandidateFailed", "Objective", "fail_stale_trials", "finish_study", "make_sampler", "open_storage",
-           "open_study", "optimize", "redact_url", "retried_trial", "SAMPLERS", "seed_study", "storage_url", "trial_plan",
+           "open_study", "optimize", "redact_url", "retried_trial", "SAMPLERS", "seed_study", "storage_url",
+           "trial_plan",
            "measured_count", "summary_counts", "worker_id", "worker_seed", "worker_slot"]
 
 _SLOTS: dict[tuple[int, Path], int] = {}  # (pid, lock dir) -> slot; its lock file stays open while the process runs

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from updp.pruner.plan import apply_plan, set_lambda
-from updp.train.loop import kd_loss
 from updp.search.space import SearchSpace
+from updp.train.loop import kd_loss
 
 
 class Supernet:

@@ -11,14 +11,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from updp import __version__
+from updp.core.errors import UpdpError
+from updp.core.onnx_export import export_onnx
 from updp.latency.backends import resolve_backend
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import CacheKey, LatencyCache
-from updp.core.errors import UpdpError
 from updp.latency.interleave import measure_interleaved
 from updp.latency.isolate import measure_isolated
 from updp.latency.result import LatencyResult, failure
-from updp.core.onnx_export import export_onnx
 from updp.pruner import PruningPlan, create_model, default_input_size, merge_model
 
 

@@ -12,8 +12,16 @@ from torch import nn
 
 import updp.pruner.checkpoint as checkpoint_module
 from updp.core.errors import CheckpointError
-from updp.pruner import (Checkpoint, PruningPlan, apply_plan, create_model, load_checkpoint, merge_model, progressive_blocks,
-                         save_checkpoint)
+from updp.pruner import (
+    Checkpoint,
+    PruningPlan,
+    apply_plan,
+    create_model,
+    load_checkpoint,
+    merge_model,
+    progressive_blocks,
+    save_checkpoint,
+)
 from updp.pruner.checkpoint import load_state
 from updp.pruner.families.convnext import MergedConvNeXt
 from updp.pruner.verify import randomize_bn_stats
@@ -91,7 +99,8 @@ def test_round_trip_differs_from_fresh_weights(tmp_path: Path, x: torch.Tensor):
 def test_merged_checkpoint_matches_the_pruned_subnet(tmp_path: Path, x: torch.Tensor):
     save_checkpoint(tmp_path / "pruned.pt", build("pruned"))
     subnet = load_checkpoint(tmp_path / "pruned.pt").model
-    save_checkpoint(tmp_path / "merged.pt", Checkpoint(merge_model(subnet), PruningPlan(MODEL, PLAN), NUM_CLASSES, "merged"))
+    merged = Checkpoint(merge_model(subnet), PruningPlan(MODEL, PLAN), NUM_CLASSES, "merged")
+    save_checkpoint(tmp_path / "merged.pt", merged)
     merged = load_checkpoint(tmp_path / "merged.pt").model
     torch.testing.assert_close(outputs(merged, x), outputs(subnet, x), rtol=1e-4, atol=1e-5)
 

@@ -122,7 +122,8 @@ def test_squeeze_excitation_blocks_are_unsupported(discover, model: str):
 
 
 def test_test_efficientnet_reports_blocks_of_no_family(discover):
-    assert discover("test_efficientnet").other_block_classes == {"_efficientnet_blocks.ConvBnAct": 1, "_efficientnet_blocks.EdgeResidual": 2}
+    assert discover("test_efficientnet").other_block_classes == {"_efficientnet_blocks.ConvBnAct": 1,
+                                                                 "_efficientnet_blocks.EdgeResidual": 2}
 
 
 def test_test_resnet_avg_pool_downsamples_are_unsupported(discover):

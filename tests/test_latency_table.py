@@ -10,8 +10,7 @@ from updp.core.errors import UpdpError
 from updp.core.plan import PruningPlan
 from updp.latency.base import MeasureConfig
 from updp.latency.result import failure, summarize
-from updp.latency.table import (LatencyTable, UnmeasuredBlock, build_table, calibrate, error_summary,
-                                random_plans)
+from updp.latency.table import LatencyTable, UnmeasuredBlock, build_table, calibrate, error_summary, random_plans
 from updp.search.timing import PlanTimer
 
 MODEL = "synthetic"

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from helpers import randomize_layer_scale
 from timm.models.resnet import Bottleneck, ResNet
 from torch.testing import assert_close
 
-from helpers import randomize_layer_scale
 from updp.pruner import apply_plan, create_model, find_blocks, merge_model
 from updp.pruner.merge import PlanError
 from updp.pruner.verify import randomize_bn_stats

@@ -140,7 +140,7 @@ def test_merge_vit_variants_writes_all_three_files(capsys, tmp_path: Path, vit_w
 
 def test_failed_merge_leaves_no_file(capsys, tmp_path: Path, monkeypatch):
     """A failure after the exports (here: ONNX Runtime disagrees) removes what was written."""
-    import updp.pruner.export as export
+    import updp.core.onnx_export as export
 
     monkeypatch.setattr(export, "run_onnx", lambda path, x: np.full((1, 1000), np.nan, dtype=np.float32))
     out_dir = tmp_path / "out"
@@ -151,7 +151,7 @@ def test_failed_merge_leaves_no_file(capsys, tmp_path: Path, monkeypatch):
 
 
 def test_failed_merge_keeps_an_existing_out_dir_as_it_was(capsys, tmp_path: Path, monkeypatch):
-    import updp.pruner.export as export
+    import updp.core.onnx_export as export
 
     monkeypatch.setattr(export, "run_onnx", lambda path, x: np.full((1, 1000), np.nan, dtype=np.float32))
     (tmp_path / "notes.txt").write_text("mine\n")

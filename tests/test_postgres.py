@@ -5,11 +5,11 @@ import importlib.util
 import secrets
 from urllib.parse import quote
 
+import pgserver
 import pytest
+import study_workers as sw
 from optuna.trial import TrialState
 
-import pgserver
-import study_workers as sw
 from updp.core.errors import UpdpError
 from updp.search import study as st
 

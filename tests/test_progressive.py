@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import randomize_layer_scale
 from torch.testing import assert_close
 
-from helpers import randomize_layer_scale
 from updp.core.errors import UpdpError
 from updp.pruner import LambdaSchedule, apply_plan, create_model, find_blocks, progressive_blocks, set_lambda
 from updp.pruner.verify import randomize_bn_stats

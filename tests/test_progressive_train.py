@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from updp.core.config import from_dict
-from updp.train.data import load_splits
 from updp.core.errors import UpdpError
+from updp.pipeline.config import RunConfig, TrainPlanConfig
 from updp.pipeline.final import finalize
 from updp.pruner import PruningPlan, create_model, progressive_blocks
+from updp.train.data import load_splits
 from updp.train.progressive_training import schedule_for, train_plan
-from updp.pipeline.config import RunConfig, TrainPlanConfig
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "cifar10_demo.npz"
 PLAN = ["stages.1.blocks.0", "stages.2.blocks.2"]
@@ -32,7 +32,8 @@ def _cfg(**train):
 
 
 def _train(cfg: RunConfig, out: Path, baseline=None):
-    return train_plan(_baseline() if baseline is None else baseline, PruningPlan("test_convnext", PLAN), splits_(), cfg.train, out,
+    baseline = _baseline() if baseline is None else baseline
+    return train_plan(baseline, PruningPlan("test_convnext", PLAN), splits_(), cfg.train, out,
                       batch_size=cfg.data.batch_size, seed=cfg.search.seed)
 
 
@@ -90,7 +91,8 @@ def test_interrupted_training_resumes_exactly(tmp_path, splits, monkeypatch):
 def test_finalize_merges_exactly_on_real_images(tmp_path, splits):
     baseline = _baseline()
     student = _train(_cfg(), tmp_path, baseline)
-    result = finalize(baseline, student, PruningPlan("test_convnext", PLAN), splits, _cfg(), tmp_path, "onnxruntime", 10, 32)
+    plan = PruningPlan("test_convnext", PLAN)
+    result = finalize(baseline, student, plan, splits, _cfg(), tmp_path, "onnxruntime", 10, 32)
     assert result["max_abs_logit_diff_merged_vs_subnet"] < 1e-4
     assert abs(result["merged_top1"] - result["subnet_top1"]) <= 0.2  # at most one image flips at fp32 noise
     assert result["params_merged"] < result["params_baseline"] and result["macs_merged"] < result["macs_baseline"]

@@ -11,7 +11,6 @@ from updp.pruner import reparam
 from updp.pruner.verify import randomize_bn_stats
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()

@@ -17,9 +17,9 @@ from pathlib import Path
 import optuna
 import pandas as pd
 import pytest
+import study_workers as sw
 from optuna.trial import TrialState
 
-import study_workers as sw
 from updp.core.errors import UpdpError
 from updp.search import study as st
 from updp.search.report import best_under_budget, pareto_front, write_report

@@ -7,9 +7,9 @@ import torch
 
 from updp.pruner import create_model, find_blocks, progressive_blocks
 from updp.search.scoring import score_plan
-from updp.train.bn import recalibrate_bn
 from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
+from updp.train.bn import recalibrate_bn
 
 
 def _supernet():
@@ -34,7 +34,8 @@ def test_set_plan_switches_exactly_the_named_blocks():
 def test_unpruned_supernet_is_the_original_model():
     torch.manual_seed(0)
     original = create_model("test_convnext", num_classes=10).eval()
-    sn = Supernet(copy.deepcopy(original), SearchSpace.build("test_convnext", find_blocks(original, (3, 32, 32)).blocks))
+    space = SearchSpace.build("test_convnext", find_blocks(original, (3, 32, 32)).blocks)
+    sn = Supernet(copy.deepcopy(original), space)
     sn.model.eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -12,8 +12,14 @@ from pathlib import Path
 import pytest
 
 from updp.core.errors import UpdpError
-from updp.latency.trtexec import (TrtexecParseError, parse_export_times, parse_file, parse_log,
-                                  parse_profile_metadata, parse_stats)
+from updp.latency.trtexec import (
+    TrtexecParseError,
+    parse_export_times,
+    parse_file,
+    parse_log,
+    parse_profile_metadata,
+    parse_stats,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "trtexec"
 ONNX_RUN = FIXTURES / "trt10.16_h100pcie_onnx_build_and_run.log"

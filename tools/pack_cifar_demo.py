@@ -1,7 +1,9 @@
 """Pack the demo dataset: a class-balanced slice of the CIFAR-10 subset as one compressed .npz.
 
-Run once from a checkout that has the CIFAR-10 subset beside it:
-    python tools/pack_cifar_demo.py SRC_DIR data/cifar10_demo.npz --train 200 --val 50
+The shipped ``data/cifar10_demo.npz`` holds 250 train and 50 val images per
+class (2,500 + 500), the defaults here. Rebuild it from a checkout that has the
+CIFAR-10 subset beside it:
+    python tools/pack_cifar_demo.py SRC_DIR data/cifar10_demo.npz --train 250 --val 50
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def take(folder: Path, per_class: int, prefer: str | None = None):
     for i, cls in enumerate(classes):
         files = sorted((folder / cls).glob("*.png"))
         if prefer:
-            files = [f for f in files if f.name.startswith(prefer)] + [f for f in files if not f.name.startswith(prefer)]
+            files = sorted(files, key=lambda f: not f.name.startswith(prefer))  # stable: preferred first
         for f in files[:per_class]:
             xs.append(np.asarray(Image.open(f).convert("RGB"), dtype=np.uint8))
             ys.append(i)
@@ -30,8 +32,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("src")
     ap.add_argument("out")
-    ap.add_argument("--train", type=int, default=200)
-    ap.add_argument("--val", type=int, default=50)
+    ap.add_argument("--train", type=int, default=250, help="images per class (default 250)")
+    ap.add_argument("--val", type=int, default=50, help="images per class (default 50)")
     args = ap.parse_args()
     src = Path(args.src)
     tx, ty, classes, tn = take(src / "train", args.train)

@@ -168,7 +168,8 @@ def normalization(model: nn.Module) -> dict[str, tuple[float, ...]]:
 
 
 def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10,
-                mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> Splits:
+                mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
+                std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> Splits:
     """Every ``held_out_every``-th training image is held out from training for search scoring.
 
     Images are normalized with ``mean``/``std``: pass the model's (:func:`normalization`).
@@ -215,7 +216,8 @@ def stratified_indices(targets: list[int], n: int, seed: int = 0) -> list[int]:
     quota = {c: int(q) for c, q in exact.items()}
     for c in sorted(exact, key=lambda c: (quota[c] - exact[c], c))[:n - sum(quota.values())]:
         quota[c] += 1
-    chosen = [by_class[c][int(j)] for c, k in quota.items() for j in torch.randperm(len(by_class[c]), generator=gen)[:k]]
+    chosen = [by_class[c][int(j)] for c, k in quota.items()
+              for j in torch.randperm(len(by_class[c]), generator=gen)[:k]]
     return [chosen[int(j)] for j in torch.randperm(len(chosen), generator=gen)]
 
 

@@ -19,8 +19,7 @@ from torch import nn
 
 from updp.pruner import reparam
 from updp.pruner.families.base import BlockFamily, foldable_norm, static_padding
-from updp.pruner.progressive import (BlockEnd, ProgressiveBlock, bn_only, non_inplace,
-                                     pad_conv, ring_act_mix)
+from updp.pruner.progressive import BlockEnd, ProgressiveBlock, bn_only, non_inplace, pad_conv, ring_act_mix
 
 
 @dataclass(frozen=True)
