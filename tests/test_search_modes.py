@@ -56,33 +56,14 @@ def test_a_hybrid_verification_that_fails_fails_the_trial():
 
 
 @pytest.mark.slow
-def test_measure_mode_times_every_plan_through_the_cache(tmp_path):
-    run = tmp_path / "run"
-    done = subprocess.run(_updp("search", "--config", TINY, "--data", DATA, "--run", run, "--latency-mode",
-                                "measure", "--trials", "6"), capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-2000:]
-    study = _study(run)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len(complete) == 6
-    assert {t.user_attrs["latency_source"] for t in complete} == {"measured"}
-    assert all(t.user_attrs["latency_context"].get("backend") == "onnxruntime" or
-               "onnxruntime" in str(t.user_attrs["latency_context"]) for t in complete)
-    with sqlite3.connect(run / "latency_cache.sqlite") as db:
-        tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
-        rows = sum(db.execute(f"select count(*) from {t}").fetchone()[0] for t in tables)
-    assert rows >= len({st.trial_plan(t, "test_convnext") for t in complete})  # each timed plan is cached
-    front = pd.read_csv(run / "pareto.csv")
-    assert set(front.trial) == {t.number for t in study.best_trials}
-    assert set(front.latency_source) == {"measured"}
-
-
-@pytest.mark.slow
-def test_a_second_worker_waits_for_the_training_and_joins_the_study(tmp_path):
+def test_a_second_worker_waits_for_the_training_and_both_time_every_plan_in_measure_mode(tmp_path):
+    """Two ``updp search`` processes on one new run in ``--latency-mode measure``: one trains, both search."""
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     first = subprocess.Popen(_updp("search", "--config", TINY, "--data", DATA, "--run", run, "--trials", "8",
-                                   "--baseline-epochs", "1.5"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, cwd=ROOT, env=env)
+                                   "--baseline-epochs", "1.5", "--supernet-epochs", "0.1", "--latency-mode",
+                                   "measure", "--set", "latency.runs=10"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     deadline = time.monotonic() + 120
     while not (run / "config.yaml").is_file():
         assert first.poll() is None and time.monotonic() < deadline, "the first worker never wrote its config"
@@ -97,7 +78,17 @@ def test_a_second_worker_waits_for_the_training_and_joins_the_study(tmp_path):
     assert "baseline" in err1 and "supernet" in err1  # the first trained both (progress bars)
     assert "baseline" not in err2 and "supernet" not in err2 and "timing the baseline" not in out2  # reused
     assert "joins the study" in out2
-    complete = _study(run).get_trials(states=(TrialState.COMPLETE,))
+    study = _study(run)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(complete) >= 8
     plans = [st.trial_plan(t, "test_convnext") for t in complete]
     assert len(set(plans)) == len(plans)
+    # measure mode: every plan timed alone through the run's cache, and the front uses those figures
+    assert {t.user_attrs["latency_source"] for t in complete} == {"measured"}
+    assert all(t.user_attrs["latency_context"].get("threads") == 1 for t in complete)
+    with sqlite3.connect(run / "latency_cache.sqlite") as db:
+        tables = [r[0] for r in db.execute("select name from sqlite_master where type='table'")]
+        rows = sum(db.execute(f"select count(*) from {t}").fetchone()[0] for t in tables)
+    assert rows >= len(plans)
+    front = pd.read_csv(run / "pareto.csv")
+    assert set(front.trial) == {t.number for t in study.best_trials} and set(front.latency_source) == {"measured"}
