@@ -79,12 +79,12 @@ def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
 
 
 @contextlib.contextmanager
-def training_lock(run_dir: Path):
-    """One process at a time trains the baseline and supernet; other workers wait here.
+def run_lock(run_dir: Path, name: str):
+    """An exclusive lock on ``run_dir/.{name}.lock`` held by one process at a time; others wait here.
 
     The lock file is never truncated and never followed through a symbolic link.
     """
-    path = run_dir / ".train.lock"
+    path = run_dir / f".{name}.lock"
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
@@ -95,6 +95,16 @@ def training_lock(run_dir: Path):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def training_lock(run_dir: Path):
+    """One process at a time trains the baseline and supernet; other workers wait here."""
+    return run_lock(run_dir, "train")
+
+
+def report_lock(run_dir: Path):
+    """One process at a time reads the study and writes the report, so the last report written is the newest."""
+    return run_lock(run_dir, "report")
 
 
 def baseline_model(inp: Inputs) -> torch.nn.Module:

@@ -29,6 +29,7 @@ from updp.pipeline.rundir import (
     check_inputs,
     load_run_config,
     prepare_run_dir,
+    report_lock,
     save_config,
     stage,
     training_lock,
@@ -204,8 +205,10 @@ def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table
 
 
 def report(run_dir: Path, study: optuna.Study, context: dict) -> dict:
-    summary = write_report(run_dir, study, context, context.get("budget_ms"))
-    write_json(run_dir / "search_summary.json", {**summary, "context": context, "time": time.time()})
+    """Write the report from the study as it stands; workers finishing together cannot leave an older one last."""
+    with report_lock(run_dir):
+        summary = write_report(run_dir, study, context, context.get("budget_ms"))
+        write_json(run_dir / "search_summary.json", {**summary, "context": context, "time": time.time()})
     return summary
 
 

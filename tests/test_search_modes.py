@@ -92,3 +92,31 @@ def test_a_second_worker_waits_for_the_training_and_both_time_every_plan_in_meas
     assert rows >= len(plans)
     front = pd.read_csv(run / "pareto.csv")
     assert set(front.trial) == {t.number for t in study.best_trials} and set(front.latency_source) == {"measured"}
+
+
+def _done(study: optuna.Study, score: float, ms: float, pruned: set[str]) -> None:
+    plan = PruningPlan("test_convnext", pruned)
+    study.add_trial(optuna.trial.create_trial(values=[score, ms], user_attrs={
+        "plan": plan.to_str(), "n_pruned": len(plan), "latency_source": "measured"}))
+
+
+def test_reports_of_workers_finishing_together_are_written_one_at_a_time_from_the_newest_study(tmp_path):
+    """The report reads the study under the run's report lock: a worker that waited writes what it finds then."""
+    import threading
+
+    from updp.pipeline.rundir import report_lock
+    from updp.pipeline.search import report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    study = optuna.create_study(directions=["maximize", "minimize"], storage=f"sqlite:///{run / 'study.db'}")
+    _done(study, 50.0, 2.0, set())
+    writer = threading.Thread(target=report, args=(run, study, {"model": "test_convnext", "data": "d"}))
+    with report_lock(run):  # another worker is writing its report
+        writer.start()
+        writer.join(timeout=1.0)
+        assert writer.is_alive() and not (run / "pareto.csv").exists()  # waits its turn
+        _done(study, 60.0, 1.0, {"stages.0.blocks.0"})  # the other worker's last trial lands meanwhile
+    writer.join(timeout=60)
+    front = pd.read_csv(run / "pareto.csv")
+    assert list(front.trial) == [1] == [t.number for t in study.best_trials]
