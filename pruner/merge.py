@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from updp.core.errors import PlanError
+from updp.pruner.norms import NormError, plain_batchnorm
 from updp.pruner.plan import apply_plan, progressive_blocks
 from updp.pruner.registry import family_for
 
@@ -15,13 +16,16 @@ from updp.pruner.registry import family_for
 def merge_model(model: nn.Module, plan: Iterable[str] | None = None) -> nn.Module:
     """A new model, in eval mode, with every pruned block merged.
 
+    The copy's Sync and Frozen BatchNorms are made plain first (``plain_batchnorm``), so the pruned
+    forms and the folds see the same layers and the result loads into a model built from the plan.
+
     Args:
         model: a model whose pruned blocks are progressive blocks at lambda 0
             (as trained), or an original model.
         plan: block names to prune first where ``model`` still has them in
             their original form (fresh BNs; mostly for timing and tests).
     """
-    merged = copy.deepcopy(model)
+    merged = plain_batchnorm(copy.deepcopy(model))
     if plan is not None:
         missing = [n for n in plan if n not in progressive_blocks(merged)]
         apply_plan(merged, missing, lam=0.0)
@@ -30,5 +34,9 @@ def merge_model(model: nn.Module, plan: Iterable[str] | None = None) -> nn.Modul
         for name, pblock in progressive_blocks(merged).items():
             if pblock.lam != 0.0:
                 raise PlanError(f"block '{name}' is at lambda {pblock.lam:.3g}; merging is exact only at lambda 0")
-            merged.set_submodule(name, family_for(pblock.block).merge(pblock).eval())
+            try:
+                block = family_for(pblock.block).merge(pblock)
+            except NormError as e:
+                raise NormError(f"block '{name}': {e}") from None
+            merged.set_submodule(name, block.eval())
     return merged

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from updp.pruner.norms import foldable_type
+
 
 def non_inplace(act: nn.Module) -> nn.Module:
     """A copy of ``act`` that never writes into its input (the mix needs it)."""
@@ -55,16 +57,12 @@ def norm_mix(norm: nn.Module, bn: nn.Module, x: torch.Tensor, lam: float) -> tor
     return lam * norm(x) + (1.0 - lam) * bn(x)
 
 
-def bn_only(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """Run just the BatchNorm of a timm ``BatchNormAct2d`` (or a plain BN)."""
-    return nn.BatchNorm2d.forward(bn, x) if isinstance(bn, nn.BatchNorm2d) else bn(x)
-
-
 def pad_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv`` without its own padding (the chain's input was padded already)."""
     return F.conv2d(x, conv.weight, conv.bias, conv.stride, 0, conv.dilation, conv.groups)
 
 
+@foldable_type
 class TokenBatchNorm(nn.BatchNorm1d):
     """BatchNorm over the channel (last) dim of ``(B, N, C)`` token tensors."""
 

@@ -3,7 +3,8 @@
 Convolutions are ``(weight, bias, stride)`` triples with dense weights
 ``(C_out, C_in, k, k)``, square kernels, dilation 1 and all zero padding at
 the chain's input (the pruned forms guarantee that), so composition is exact.
-BN folding uses torch's own ``fuse_conv_bn_weights``/``fuse_linear_bn_weights``.
+BN folding uses torch's own ``fuse_conv_bn_weights``/``fuse_linear_bn_weights``
+and refuses a BatchNorm subclass it does not know (``norms.require_foldable``).
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
+from updp.pruner.norms import require_foldable
+
 
 class Conv(NamedTuple):
     weight: torch.Tensor
@@ -21,11 +24,13 @@ class Conv(NamedTuple):
 
 
 def _bn_args(bn: nn.modules.batchnorm._BatchNorm):
+    require_foldable(bn)
     return bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
 
 
 def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as ``y = scale * x + shift`` per channel."""
+    require_foldable(bn)
     ones = torch.ones_like(bn.running_mean)
     weight = bn.weight if bn.weight is not None else ones
     bias = bn.bias if bn.bias is not None else torch.zeros_like(ones)

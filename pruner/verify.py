@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from updp.pruner.merge import merge_model
+from updp.pruner.norms import is_batchnorm
 
 
 def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -15,7 +16,7 @@ def randomize_bn_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if is_batchnorm(m):  # Frozen BNs too: their defaults would hide a fold that ignores them
                 shape, like = m.running_mean.shape, m.running_mean
                 m.running_mean.copy_((torch.randn(shape, generator=gen) * 0.5).to(like))
                 m.running_var.copy_((torch.rand(shape, generator=gen) * 1.5 + 0.5).to(like))

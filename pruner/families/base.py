@@ -5,6 +5,7 @@ import abc
 
 from torch import nn
 
+from updp.pruner.norms import unfoldable_reason
 from updp.pruner.progressive import ProgressiveBlock
 
 
@@ -41,14 +42,16 @@ def is_identity(module: nn.Module | None) -> bool:
 
 
 def foldable_norm(norm: nn.Module | None) -> str | None:
-    """Why a norm after a conv cannot be folded into it, or None (an eval BatchNorm2d can)."""
-    if isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
-        return None
-    return f"{type(norm).__name__} is not a BatchNorm with running statistics, so it cannot be folded into its conv"
+    """Why a norm after a conv cannot be folded into it, or None.
+
+    A BatchNorm2d with running statistics can, as can its timm ``*Act``, Sync and Frozen variants
+    (see ``norms``); an unknown BatchNorm subclass cannot.
+    """
+    return unfoldable_reason(norm, conv_norm=True)
 
 
 def act_of(module: nn.Module) -> nn.Module:
-    """The activation inside a timm ``BatchNormAct2d`` (Identity when none)."""
+    """The activation inside a timm ``BatchNormAct2d`` or its Sync/Frozen variant (Identity when none)."""
     return getattr(module, "act", nn.Identity())
 
 

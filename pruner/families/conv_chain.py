@@ -19,7 +19,8 @@ from torch import nn
 
 from updp.pruner import reparam
 from updp.pruner.families.base import BlockFamily, foldable_norm, static_padding
-from updp.pruner.progressive import BlockEnd, ProgressiveBlock, bn_only, non_inplace, pad_conv, ring_act_mix
+from updp.pruner.norms import norm_only
+from updp.pruner.progressive import BlockEnd, ProgressiveBlock, non_inplace, pad_conv, ring_act_mix
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,14 @@ class Chain:
 
 def _get(block: nn.Module, path: str | None) -> nn.Module | None:
     return None if path is None else functools.reduce(getattr, path.split("."), block)
+
+
+def _act(block: nn.Module, path: str | None) -> nn.Module:
+    """The activation at ``path``; Identity where there is none (torch's SyncBatchNorm conversion drops timm's)."""
+    if path is None:
+        return nn.Identity()
+    owner, _, attr = path.rpartition(".")
+    return non_inplace(getattr(_get(block, owner) if owner else block, attr, nn.Identity()))
 
 
 def chain_geometry(convs: list[nn.Conv2d]) -> tuple[int, list[int]]:
@@ -61,8 +70,7 @@ class ConvChainBlock(ProgressiveBlock):
         self.chain = chain
         convs = [_get(block, c) for c, _, _ in chain.layers]
         self.pad, self.rings = chain_geometry(convs)
-        self.acts = nn.ModuleList(
-            non_inplace(_get(block, a)) if a else nn.Identity() for _, _, a in chain.layers)
+        self.acts = nn.ModuleList(_act(block, a) for _, _, a in chain.layers)
         out_chs = convs[-1].out_channels
         ref = convs[-1].weight
         self.end = None if chain.end_act else BlockEnd(
@@ -71,7 +79,7 @@ class ConvChainBlock(ProgressiveBlock):
     def forward_pruned(self, x: torch.Tensor, lam: float) -> torch.Tensor:
         h = F.pad(x, [self.pad] * 4)
         for (conv, bn, act), mix, ring in zip(self.chain.layers, self.acts, self.rings):
-            h = bn_only(_get(self.block, bn), pad_conv(_get(self.block, conv), h))
+            h = norm_only(_get(self.block, bn), pad_conv(_get(self.block, conv), h))
             if act is not None:
                 h = ring_act_mix(mix, h, lam, ring)
         drop_path = getattr(self.block, "drop_path", None)
@@ -158,6 +166,8 @@ def _stride(conv: nn.Module) -> int:
 
 def _downsample_reason(ds: nn.Module) -> str | None:
     ok = (isinstance(ds, nn.Sequential) and len(ds) == 2 and isinstance(ds[0], nn.Conv2d)
-          and ds[0].kernel_size == (1, 1) and ds[0].padding == (0, 0) and ds[0].groups == 1
-          and isinstance(ds[1], nn.BatchNorm2d))
-    return None if ok else "downsample is not a 1x1 conv + BN (e.g. avg-pool 'd' variant)"
+          and ds[0].kernel_size == (1, 1) and ds[0].padding == (0, 0) and ds[0].groups == 1)
+    if not ok:
+        return "downsample is not a 1x1 conv + BN (e.g. avg-pool 'd' variant)"
+    reason = foldable_norm(ds[1])
+    return f"downsample.1: {reason}" if reason else None

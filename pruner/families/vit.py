@@ -17,6 +17,7 @@ from torch import nn
 
 from updp.pruner import reparam
 from updp.pruner.families.base import BlockFamily, is_identity
+from updp.pruner.norms import NormError
 from updp.pruner.progressive import BlockEnd, ProgressiveBlock, TokenBatchNorm, act_mix, non_inplace, norm_mix
 from updp.pruner.registry import register_family
 
@@ -73,6 +74,14 @@ def _linear(w: torch.Tensor, b: torch.Tensor) -> nn.Linear:
     return layer
 
 
+def _check_token_norms(pblock: ViTProgressive) -> None:
+    for attr, bn in (("bn1", pblock.bn1), ("bn2", pblock.bn2), ("end.bn", pblock.end.bn)):
+        if not isinstance(bn, TokenBatchNorm):
+            raise NormError(f"{attr} is no longer updp's TokenBatchNorm: a BatchNorm conversion after apply_plan "
+                            "(e.g. convert_sync_batchnorm) replaced it with a layer that normalizes the token axis, "
+                            "not the channels; convert the model before apply_plan")
+
+
 @register_family(Block)
 class ViTFamily(BlockFamily):
     name = "vit"
@@ -94,6 +103,7 @@ class ViTFamily(BlockFamily):
         return ViTProgressive(block, self)
 
     def merge(self, pblock: ViTProgressive) -> MergedViTBlock:
+        _check_token_norms(pblock)
         b = pblock.block
         attn = copy.deepcopy(b.attn)
         attn.qkv = _linear(*reparam.fold_linear_bn(b.attn.qkv, pblock.bn1))
