@@ -61,11 +61,11 @@ def finetune_top1(baseline: torch.nn.Module, plan: PruningPlan, inp, steps: int)
     student = apply_plan(copy.deepcopy(baseline), plan, lam=0.0)
     teacher = copy.deepcopy(baseline).eval()
 
-    def step(x, y, _):
+    def step(ctx, x, y, _):
         with torch.no_grad():
-            t = teacher(x)
-        loss = kd_loss(student(x), t, y, 0.5, 2.0, 0.1)
-        loss.backward()
+            t = ctx.forward(x, teacher)
+        loss = kd_loss(ctx.forward(x), t, y, 0.5, 2.0, 0.1)
+        ctx.backward(loss)
         return {"loss": loss.item()}
 
     epochs = steps / (len(inp.splits.train) // 64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -169,6 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI never shows a raw traceback unasked
         if args.debug:
             raise
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun: most likely a peer went away
+            print(f"updp: error: process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} stopped "
+                  f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
+                  "torchrun stops the others; run the same command again to resume from the last checkpoint",
+                  file=sys.stderr)
+            return 1
         print(f"updp: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

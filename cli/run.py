@@ -24,6 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_train)
 
 
+def is_main() -> bool:
+    from updp.pipeline.rundir import is_main
+
+    return is_main()
+
+
 def _config(args):
     return resolve_config(args, allow_existing=True)
 
@@ -42,7 +48,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from updp.pipeline.run import run_all
 
     cfg, run_dir = _config(args)
-    _print(run_all(cfg, run_dir), run_dir)
+    result = run_all(cfg, run_dir)
+    if is_main():  # under torchrun rank 0 speaks for the job
+        _print(result, run_dir)
     return 0
 
 
@@ -55,6 +63,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if plan is not None and not plan:
         raise UpdpError(f"--plan '{args.plan}' is empty: name at least one block (see 'updp blocks MODEL')")
     cfg, run_dir = _config(args)
-    _print(train_and_merge(cfg, run_dir, PruningPlan(cfg.model, plan) if plan else None), run_dir)
+    result = train_and_merge(cfg, run_dir, PruningPlan(cfg.model, plan) if plan else None)
+    if is_main():
+        _print(result, run_dir)
     return 0
 

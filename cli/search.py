@@ -24,7 +24,9 @@ def add_run_args(p: argparse.ArgumentParser, sections: tuple[str, ...] | None = 
     from updp.pipeline.config import RunConfig
 
     p.add_argument("--config", metavar="YAML", help="config file (CLI flags override it)")
-    p.add_argument("--run", metavar="DIR", help="run directory (default: runs/<model>)")
+    p.add_argument("--run", "--run-dir", dest="run", metavar="DIR",
+                   help="run directory (default: runs/<model>); under torchrun spell it --run-dir (torchrun "
+                        "reads --run as its own --run-path)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR (its config.yaml, plus CLI overrides)")
     for f in flags(RunConfig):
         section = f.key.split(".")[0] if "." in f.key else None
@@ -57,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "to prune with Optuna, scoring each plan by supernet accuracy and latency on "
                                    "the target. Writes everything to the run directory; rerun with --resume "
                                    "RUN to continue (several workers may share one study).")
-    add_run_args(p, sections=("data", "baseline", "supernet", "latency", "search"))
+    add_run_args(p, sections=("data", "baseline", "supernet", "latency", "search", "runtime"))
     p.set_defaults(func=cmd_search)
 
     r = sub.add_parser("report", help="rebuild a search run's report (CSV, Pareto plot, Markdown)",
@@ -93,11 +95,13 @@ def resolve_config(args: argparse.Namespace, allow_existing: bool = False):
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    from updp.pipeline.rundir import is_main
     from updp.pipeline.search import run_search
 
     cfg, run_dir = resolve_config(args)
     summary = run_search(cfg, run_dir)
-    _print_summary(run_dir, summary)
+    if is_main():  # under torchrun rank 0 speaks for the job
+        _print_summary(run_dir, summary)
     return 0
 
 

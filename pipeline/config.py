@@ -10,6 +10,7 @@ from updp.latency.base import PRECISIONS
 from updp.pruner.schedule import SCHEDULES
 from updp.search.study import SAMPLERS, make_sampler
 from updp.train.progressive_training import FadeConfig
+from updp.train.runtime import RuntimeConfig, resolve
 
 SPACES = ("blocks", "stages")
 LATENCY_MODES = ("measure", "table", "hybrid")
@@ -22,6 +23,8 @@ class DataConfig:
     batch_size: int = option(64, "training batch size", "--batch-size")
     calib_images: int = option(256, "images for BN re-estimation per candidate")
     eval_images: int = option(500, "held-out training images scored per candidate")
+    cache_mb: float = option(2048, "decode a split into memory once if its images fit in this many MB, else "
+                             "stream it from disk (decoded in the DataLoader workers)", "--cache-mb", metavar="MB")
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class RunConfig:
     latency: LatencyConfig = field(default_factory=LatencyConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     train: TrainPlanConfig = field(default_factory=TrainPlanConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def _check(ok: bool, key: str, value, want: str) -> None:
@@ -122,8 +126,8 @@ def validate(cfg: RunConfig) -> None:
     _positive(cfg, "data.img_size data.batch_size data.calib_images data.eval_images baseline.lr supernet.lr "
                    "latency.batch_size latency.runs search.trials train.lr supernet.kd_temperature "
                    "train.kd_temperature")
-    _positive(cfg, "baseline.epochs supernet.epochs train.epochs supernet.random_plans latency.verify_top "
-                   "search.finetune_steps train.stagger_frac", strict=False)
+    _positive(cfg, "data.cache_mb baseline.epochs supernet.epochs train.epochs supernet.random_plans "
+                   "latency.verify_top search.finetune_steps train.stagger_frac", strict=False)
     _positive(cfg, "num_classes latency.img_size latency.threads search.max_per_stage search.latency_budget_ms",
               optional=True)
     if cfg.search.sampler not in SAMPLERS:  # an import path: built (imported) here, before any long work
@@ -148,5 +152,6 @@ def validate(cfg: RunConfig) -> None:
                               ("budget_frac", s.budget_frac)) if v is not None]
     if len(budgets) > 1:
         raise ConfigError(f"give one latency budget, not {' and '.join(budgets)}")
+    resolve(cfg.runtime)  # the device, precision, workers and checkpoint period this machine can give
     if t.plan is not None and not t.plan:
         raise ConfigError("train.plan is empty: name at least one block (see 'updp blocks MODEL') or leave it unset")

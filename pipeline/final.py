@@ -6,6 +6,7 @@ one interleaved pass, and a final report section.
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from updp.pruner.cost import count_macs, count_params
 from updp.train.bn import recalibrate_bn
 from updp.train.data import Splits, fixed_batches
 from updp.train.loop import evaluate
+from updp.train.runtime import CPU, Runtime
 
 
 @torch.no_grad()
@@ -29,11 +31,21 @@ def _max_logit_diff(a: nn.Module, b: nn.Module, batches) -> float:
     return max((a(x) - b(x)).abs().max().item() for x, _ in batches)
 
 
+def _top1(model: nn.Module, batches, rt: Runtime) -> float:
+    """Top-1 of a copy of ``model`` on the training device (the model itself stays on the CPU)."""
+    return evaluate(rt.prepare(copy.deepcopy(model)), batches, rt)["top1"]
+
+
 def finalize(baseline: nn.Module, student: nn.Module, plan: PruningPlan, splits: Splits, cfg: RunConfig,
-             out_dir: Path, backend: str, num_classes: int, latency_img_size: int) -> dict:
-    """BN re-estimation, merge, verification on real images, export, latency, final.json."""
-    recalibrate_bn(student, fixed_batches(splits.train_eval, 1024, cfg.search.seed))
-    student.eval()
+             out_dir: Path, backend: str, num_classes: int, latency_img_size: int, rt: Runtime = CPU) -> dict:
+    """BN re-estimation, merge, verification on real images, export, latency, final.json.
+
+    BN statistics are re-estimated on the training device; the merge, its check and the export
+    run in fp32 on the CPU, whatever the training ran on.
+    """
+    recalibrate_bn(rt.prepare(student), fixed_batches(splits.train_eval, 1024, cfg.search.seed), rt)
+    student = student.cpu().float().eval()
+    baseline = baseline.cpu().float().eval()
     merged = merge_model(student)
     val = fixed_batches(splits.val, len(splits.val))
     diff = _max_logit_diff(merged, student, val)
@@ -47,12 +59,13 @@ def finalize(baseline: nn.Module, student: nn.Module, plan: PruningPlan, splits:
     x1 = torch.zeros(1, *shape)
     result = {
         "model": cfg.model, "pruned": plan.to_str(), "n_pruned": len(plan),
-        "baseline_top1": evaluate(baseline, val)["top1"], "subnet_top1": evaluate(student, val)["top1"],
-        "merged_top1": evaluate(merged, val)["top1"], "val_images": len(splits.val),
+        "baseline_top1": _top1(baseline, val, rt), "subnet_top1": _top1(student, val, rt),
+        "merged_top1": _top1(merged, val, rt), "val_images": len(splits.val),
         "max_abs_logit_diff_merged_vs_subnet": diff, "onnx_max_abs_diff": onnx_diff,
         "params_baseline": count_params(baseline), "params_merged": count_params(merged),
         "macs_baseline": count_macs(baseline.eval(), x1), "macs_merged": count_macs(merged, x1),
-        "macs_input": "x".join(map(str, (1, *shape))), **latency}
+        "macs_input": "x".join(map(str, (1, *shape))), "training_device": str(rt.device), "amp": rt.amp,
+        "world_size": rt.world_size, **latency}
     write_json(out_dir / "final.json", result)
     return result
 

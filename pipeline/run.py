@@ -14,6 +14,7 @@ from updp.pipeline.final import append_final_section, finalize
 from updp.pipeline.search import run_search
 from updp.pruner import PruningPlan
 from updp.train.progressive_training import train_plan
+from updp.train.runtime import broadcast_object
 
 
 def choose_plan(cfg: RunConfig, run_dir: Path) -> PruningPlan:
@@ -51,13 +52,15 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: PruningPlan | None = No
     print(f"updp: progressive training of {len(plan)} pruned blocks: {', '.join(plan)}", flush=True)
     with rundir.stage(run_dir, "progressive_training"):
         student = train_plan(baseline, plan, inp.splits, cfg.train, run_dir,
-                             batch_size=cfg.data.batch_size, seed=cfg.search.seed)
-    with rundir.stage(run_dir, "merge_verify_export_latency"):
-        backend = resolve_backend(cfg.latency.backend).name
-        result = finalize(baseline, student, plan, inp.splits, cfg, run_dir, backend, inp.num_classes,
-                          inp.latency_img_size)
-        append_final_section(run_dir, result)
-    return result
+                             batch_size=cfg.data.batch_size, seed=cfg.search.seed, rt=inp.rt)
+    result = {}
+    if inp.rt.is_main:  # one process merges, exports and times; the others wait for its final.json
+        with rundir.stage(run_dir, "merge_verify_export_latency"):
+            backend = resolve_backend(cfg.latency.backend).name
+            result = finalize(baseline, student, plan, inp.splits, cfg, run_dir, backend, inp.num_classes,
+                              inp.latency_img_size, inp.rt)
+            append_final_section(run_dir, result)
+    return broadcast_object(inp.rt, result)
 
 
 def run_all(cfg: RunConfig, run_dir: Path) -> dict:

@@ -25,6 +25,7 @@ from updp.search import study as st
 from updp.search.space import SearchSpace
 from updp.train.data import check_dataset, fixed_batches, load_splits, normalization
 from updp.train.loop import TrainConfig, Trainer, ce_step
+from updp.train.runtime import Runtime, distributed_env, init_distributed, resolve
 
 
 @dataclass
@@ -38,6 +39,12 @@ class Inputs:
     storage: object
     num_classes: int
     latency_img_size: int  # the one input size of every latency figure of the run (search and final)
+    rt: Runtime  # this process's device, precision, rank
+
+
+def is_main() -> bool:
+    """Rank 0 of a torchrun job, or a plain process: the one that writes the run directory."""
+    return distributed_env()[0] == 0
 
 
 def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
@@ -52,7 +59,7 @@ def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
         raise ConfigError(f"num_classes {num_classes} is smaller than the {len(classes)} classes of "
                           f"'{cfg.data.root}'; drop --num-classes or pass at least {len(classes)}")
     model = create_model(cfg.model, num_classes)
-    splits = load_splits(cfg.data.root, cfg.data.img_size, **normalization(model))
+    splits = load_splits(cfg.data.root, cfg.data.img_size, cache_mb=cfg.data.cache_mb, **normalization(model))
     if len(splits.train) < cfg.data.batch_size:
         raise ConfigError(f"'{cfg.data.root}' has {len(splits.train)} training images (after holding out every "
                           f"10th for scoring), fewer than the batch size {cfg.data.batch_size}; pass "
@@ -75,7 +82,9 @@ def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
         raise ConfigError("the run's storage URL was saved without its password; pass --storage URL again, or "
                           "set UPDP_STORAGE, or write the password as ${VAR} in the URL")
     storage = st.open_storage(url, run_dir)
-    return Inputs(cfg, run_dir, splits, space, storage, num_classes, latency_img_size)
+    rt = resolve(cfg.runtime)
+    init_distributed(rt)
+    return Inputs(cfg, run_dir, splits, space, storage, num_classes, latency_img_size, rt)
 
 
 @contextlib.contextmanager
@@ -98,8 +107,11 @@ def run_lock(run_dir: Path, name: str):
 
 
 def training_lock(run_dir: Path):
-    """One process at a time trains the baseline and supernet; other workers wait here."""
-    return run_lock(run_dir, "train")
+    """One process at a time trains the baseline and supernet; other workers wait here.
+
+    Under torchrun rank 0 holds it for the whole job (its other ranks train with it).
+    """
+    return run_lock(run_dir, "train") if is_main() else contextlib.nullcontext()
 
 
 def report_lock(run_dir: Path):
@@ -117,10 +129,9 @@ def baseline_model(inp: Inputs) -> torch.nn.Module:
         load_state(model, raw_state_dict(read_file(cfg.checkpoint)), cfg.checkpoint)
         return model
     tc = TrainConfig(epochs=cfg.baseline.epochs, batch_size=cfg.data.batch_size, lr=cfg.baseline.lr)
-    Trainer(model, tc, inp.splits.train, ce_step(model), inp.run_dir / "baseline.pt",
+    Trainer(model, tc, inp.splits.train, ce_step(), inp.run_dir / "baseline.pt",
             val_batches=fixed_batches(inp.splits.val, 1000, cfg.search.seed),
-            metrics_csv=inp.run_dir / "baseline_metrics.csv",
-            desc="baseline").fit()
+            metrics_csv=inp.run_dir / "baseline_metrics.csv", desc="baseline", rt=inp.rt).fit()
     return model
 
 
@@ -143,19 +154,22 @@ def _pretrained(name: str, num_classes: int) -> torch.nn.Module:
 
 @contextlib.contextmanager
 def stage(run_dir: Path, name: str):
-    """Record a stage's wall time in ``timings.json`` (seconds; a resumed stage adds up)."""
+    """Record a stage's wall time in ``timings.json`` (seconds; a resumed stage adds up; rank 0 writes)."""
     path = run_dir / "timings.json"
     t0 = time.perf_counter()
     try:
         yield
     finally:
-        timings = json.loads(path.read_text()) if path.is_file() else {}
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
-        write_json(path, timings)
+        if is_main():
+            timings = json.loads(path.read_text()) if path.is_file() else {}
+            timings[name] = timings.get(name, 0.0) + time.perf_counter() - t0
+            write_json(path, timings)
 
 
 def save_config(run_dir: Path, cfg: RunConfig) -> None:
-    """``config.yaml`` of the run, with any literal password of the storage URL masked."""
+    """``config.yaml`` of the run, with any literal password of the storage URL masked (rank 0 writes)."""
+    if not is_main():
+        return
     storage = cfg.search.storage
     if storage and st.redact_url(storage) != storage:
         warn("the storage URL's password is not saved in config.yaml; to resume, pass --storage again "
@@ -166,6 +180,8 @@ def save_config(run_dir: Path, cfg: RunConfig) -> None:
 
 def prepare_run_dir(run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_main():
+        return
     for path in remove_stale_tmp(run_dir):
         print(f"updp: removed '{path}', left by a process killed while writing", flush=True)
 

@@ -36,11 +36,12 @@ from updp.pipeline.rundir import (
 )
 from updp.search import study as st
 from updp.search.report import write_report
-from updp.search.scoring import score_plan
+from updp.search.scoring import resident, score_plan
 from updp.search.supernet import Supernet
 from updp.search.timing import PlanTimer
 from updp.train.data import fixed_batches
 from updp.train.loop import TrainConfig, Trainer
+from updp.train.runtime import barrier, broadcast_object
 
 
 def plan_timer(inp: Inputs) -> PlanTimer:
@@ -51,14 +52,14 @@ def plan_timer(inp: Inputs) -> PlanTimer:
 
 
 def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:
+    """The per-block latency table: timed once, by rank 0 under torchrun (the other ranks wait for it)."""
     path = inp.run_dir / "latency_table.json"
-    if path.is_file():
-        return LatencyTable.load(path)
-    print(f"updp: timing the baseline and {len(inp.space.names)} single-block plans ({timer.backend.name}, "
-          f"interleaved)...", flush=True)
-    table = build_table(timer.measure_many, inp.cfg.model, inp.space.names)
-    table.save(path)
-    return table
+    if not path.is_file() and inp.rt.is_main:
+        print(f"updp: timing the baseline and {len(inp.space.names)} single-block plans ({timer.backend.name}, "
+              f"interleaved)...", flush=True)
+        build_table(timer.measure_many, inp.cfg.model, inp.space.names).save(path)
+    barrier(inp.rt)
+    return LatencyTable.load(path)
 
 
 def budget(inp: Inputs, table: LatencyTable) -> float | None:
@@ -93,8 +94,10 @@ def train_supernet(inp: Inputs, model: torch.nn.Module) -> Supernet:
                      seed=cfg.search.seed)
     step = supernet.sandwich_step(cfg.supernet.random_plans, cfg.supernet.kd_alpha, cfg.supernet.kd_temperature,
                                   seed=cfg.search.seed)
+    # a subnet skips the branch its blocks do not use: those parameters take no part in its pass
     Trainer(supernet.model, tc, inp.splits.train, step, inp.run_dir / "supernet.pt",
-            metrics_csv=inp.run_dir / "supernet_metrics.csv", desc="supernet").fit()
+            metrics_csv=inp.run_dir / "supernet_metrics.csv", desc="supernet", rt=inp.rt,
+            find_unused_parameters=True).fit()
     return supernet
 
 
@@ -174,9 +177,9 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
               "pass --trials N to add more", flush=True)
         st.finish_study(study, s.trials)
     else:
-        calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed)
-        held = fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed)
-        scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps)  # noqa: E731
+        calib = resident(fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed), inp.rt)
+        held = resident(fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed), inp.rt)
+        scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps, rt=inp.rt)  # noqa: E731
         latency = PlanLatency(cfg.latency.mode, timer, table)
         objective = st.Objective(inp.space, s.space, scorer, latency, budget_ms,
                                  verify=latency.verify if cfg.latency.mode == "hybrid" else None,
@@ -191,12 +194,16 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
                 bar.close()
         print(f"updp: search: {counts['complete']} trials complete, {counts['fail']} failed, {counts['pruned']} "
               f"pruned ({counts['duplicates_skipped']} repeated plans not scored again)", flush=True)
+    barrier(inp.rt)  # under torchrun every rank is a worker of the study: rank 0 reports once all are done
     with stage(run_dir, "report"):
-        return report(run_dir, study, run_context(cfg, timer, budget_ms, table))
+        summary = report(run_dir, study, run_context(cfg, timer, budget_ms, table, inp)) if inp.rt.is_main else {}
+    return broadcast_object(inp.rt, summary)
 
 
-def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None) -> dict:
-    return {"model": cfg.model, "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
+def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None,
+                inp: Inputs | None = None) -> dict:
+    training = {"training": inp.rt.describe()} if inp else {}
+    return {**training, "model": cfg.model, "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
             "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend.name,
             "device": timer.device, "precision": timer.cfg.precision, "batch_size": timer.cfg.batch_size,

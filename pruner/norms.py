@@ -124,3 +124,22 @@ def _from_frozen(bn: nn.Module, cls: type) -> nn.Module:
         for attr in ("weight", "bias", "running_mean", "running_var"):
             getattr(plain, attr).copy_(getattr(bn, attr))
     return _with_act(plain, bn)
+
+
+def sync_batchnorm(module: nn.Module) -> nn.Module:
+    """``BatchNorm2d`` -> ``SyncBatchNorm`` and ``BatchNormAct2d`` -> ``SyncBatchNormAct``, in place, for
+    training over several processes (``plain_batchnorm`` reverts it).
+
+    Only those exact classes: timm's ``convert_sync_batchnorm`` would also turn updp's
+    ``TokenBatchNorm`` (a ``BatchNorm1d`` over the token tensor's last dim) into a SyncBatchNorm
+    that normalizes the wrong dim. Parameters are handed over, so an optimizer built on them holds.
+    """
+    from timm.layers import convert_sync_batchnorm
+
+    if type(module) in (nn.BatchNorm2d, BatchNormAct2d):
+        return convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        synced = sync_batchnorm(child)
+        if synced is not child:
+            module.add_module(name, synced)
+    return module

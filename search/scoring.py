@@ -16,11 +16,12 @@ from torch import nn
 from updp.search.supernet import Supernet
 from updp.train.bn import bn_modules, recalibrate_bn
 from updp.train.loop import evaluate
+from updp.train.runtime import CPU, Runtime
 
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _finetune(model: nn.Module, batches: Iterable, steps: int, lr: float) -> None:
+def _finetune(model: nn.Module, batches: Iterable, steps: int, lr: float, rt: Runtime) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     it = iter(batches)
@@ -30,26 +31,39 @@ def _finetune(model: nn.Module, batches: Iterable, steps: int, lr: float) -> Non
         except StopIteration:
             it = iter(batches)
             x, y = next(it)
+        x, y = rt.batch(x, y)
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with rt.autocast():
+            out = model(x).float()
+        F.cross_entropy(out, y).backward()  # bf16 needs no loss scaling; fp16 fine-tunes run in fp32
         opt.step()
 
 
 def score_plan(supernet: Supernet, pruned: Iterable[str], calib: Batches, held_out: Batches,
-               finetune_steps: int = 0, finetune_batches: Iterable | None = None, lr: float = 1e-4) -> dict:
-    """Top-1 (%) and loss of the plan on ``held_out`` after BN re-estimation on ``calib``."""
+               finetune_steps: int = 0, finetune_batches: Iterable | None = None, lr: float = 1e-4,
+               rt: Runtime = CPU) -> dict:
+    """Top-1 (%) and loss of the plan on ``held_out`` after BN re-estimation on ``calib``.
+
+    The supernet stays on ``rt``'s device; pass batches already there (:func:`resident`) and a
+    candidate costs no host copy beyond its metrics.
+    """
     supernet.set_plan(pruned)
     if finetune_steps:
         model = copy.deepcopy(supernet.model)
-        _finetune(model, finetune_batches or calib, finetune_steps, lr)
-        recalibrate_bn(model, calib)
-        return evaluate(model, held_out)
+        _finetune(model, finetune_batches or calib, finetune_steps, lr, rt)
+        recalibrate_bn(model, calib, rt)
+        return evaluate(model, held_out, rt)
     bns = bn_modules(supernet.model)
     saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
     try:
-        recalibrate_bn(supernet.model, calib)
-        return evaluate(supernet.model, held_out)
+        recalibrate_bn(supernet.model, calib, rt)
+        return evaluate(supernet.model, held_out, rt)
     finally:
         for bn, state in zip(bns, saved):
             bn.load_state_dict(state)
         supernet.set_plan(())
+
+
+def resident(batches: Batches, rt: Runtime) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches copied to the device once, for scoring every candidate there."""
+    return [rt.batch(x, y) for x, y in batches]

@@ -8,6 +8,7 @@ and ``random_plans`` random plans, the full model's output distilling the others
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Iterable
 
@@ -16,7 +17,7 @@ from torch import nn
 
 from updp.pruner.plan import apply_plan, set_lambda
 from updp.search.space import SearchSpace
-from updp.train.loop import kd_loss
+from updp.train.loop import StepContext, kd_loss
 
 
 class Supernet:
@@ -30,20 +31,26 @@ class Supernet:
 
     def sandwich_step(self, random_plans: int = 1, kd_alpha: float = 0.5, temperature: float = 2.0,
                       label_smoothing: float = 0.1, seed: int = 0):
-        """A ``training.StepFn``: backward through the full, most-pruned and random subnets."""
-        def step(x, y, step_index):
+        """A ``StepFn``: backward through the full, most-pruned and random subnets.
+
+        The plans depend on (seed, step) alone, so under torchrun every process trains the same
+        subnets in a step; gradients are reduced across processes once, at the last backward.
+        """
+        def step(ctx: StepContext, x, y, step_index):
             rng = random.Random(seed * 100_003 + step_index)
-            self.set_plan(())
-            full = self.model(x)
-            loss_full = F.cross_entropy(full, y, label_smoothing=label_smoothing)
-            loss_full.backward()
+            plans = [self.space.most_pruned(rng)] + [self.space.random_plan(rng) for _ in range(random_plans)]
+            with ctx.accumulate():
+                self.set_plan(())
+                full = ctx.forward(x)
+                loss_full = F.cross_entropy(full, y, label_smoothing=label_smoothing)
+                ctx.backward(loss_full)
             teacher = full.detach()
             sub_losses = []
-            plans = [self.space.most_pruned(rng)] + [self.space.random_plan(rng) for _ in range(random_plans)]
-            for plan in plans:
+            for k, plan in enumerate(plans):
                 self.set_plan(plan)
-                loss = kd_loss(self.model(x), teacher, y, kd_alpha, temperature, label_smoothing)
-                loss.backward()
+                with ctx.accumulate() if k < len(plans) - 1 else contextlib.nullcontext():
+                    loss = kd_loss(ctx.forward(x), teacher, y, kd_alpha, temperature, label_smoothing)
+                    ctx.backward(loss)
                 sub_losses.append(loss.item())
             self.set_plan(())
             return {"loss": loss_full.item(), "sub_loss": sum(sub_losses) / len(sub_losses)}

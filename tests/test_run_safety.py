@@ -46,7 +46,7 @@ def test_a_planted_training_checkpoint_is_refused_without_running_it(tmp_path):
     _plant(tmp_path / "baseline.pt", marker)
     model = create_model("test_convnext", 10)
     trainer = Trainer(model, TrainConfig(batch_size=4), list(zip(torch.zeros(8, 3, 8, 8), torch.zeros(8).long())),
-                      ce_step(model), tmp_path / "baseline.pt")
+                      ce_step(), tmp_path / "baseline.pt")
     with pytest.raises(CheckpointError, match="unreadable, unsafe"):
         trainer.resume()
     assert not marker.exists()

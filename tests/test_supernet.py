@@ -10,6 +10,8 @@ from updp.search.scoring import score_plan
 from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
 from updp.train.bn import recalibrate_bn
+from updp.train.loop import StepContext
+from updp.train.runtime import CPU
 
 
 def _supernet():
@@ -47,7 +49,7 @@ def test_sandwich_step_trains_shared_and_new_weights():
     sn.model.train()
     step = sn.sandwich_step(random_plans=1)
     x, y = _batches(1)[0]
-    info = step(x, y, 0)
+    info = step(StepContext(sn.model, CPU, CPU.grad_scaler()), x, y, 0)
     pb = progressive_blocks(sn.model)["stages.2.blocks.0"]
     assert info["loss"] > 0 and info["sub_loss"] > 0
     assert pb.block.mlp.fc1.weight.grad.abs().sum() > 0 and pb.end.bn.weight.grad.abs().sum() > 0

@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from updp.train.runtime import CPU, Runtime
+
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -14,9 +16,11 @@ def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def recalibrate_bn(model: nn.Module, batches: Batches) -> None:
+def recalibrate_bn(model: nn.Module, batches: Batches, rt: Runtime = CPU) -> None:
     """Re-estimate BN running statistics as a plain average over ``batches`` (torch's ``update_bn``).
 
-    The model's train/eval mode is kept.
+    The forward passes run under ``rt``'s autocast; the statistics are accumulated in fp32
+    (the BN buffers' dtype). The model's train/eval mode is kept.
     """
-    update_bn(batches, model)
+    with rt.autocast():
+        update_bn(batches, model, device=rt.device)

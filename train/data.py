@@ -1,8 +1,12 @@
-"""ImageFolder data: checks, in-memory decoding of small sets, timm-style transforms.
+"""ImageFolder data: checks, streaming decoding (with an in-memory cache for small sets), timm's transforms.
 
-A dataset directory holds ``train/<class>/*`` and ``val/<class>/*``. Sets of
-up to ``IN_MEMORY_LIMIT`` images are decoded once into a uint8 tensor, so a
-CPU epoch does not pay for PNG decoding again.
+A dataset directory holds ``train/<class>/*`` and ``val/<class>/*`` (or
+``validation/<class>/*``, timm's layout). Images are decoded where they are
+read: in the DataLoader's worker processes when training uses them, so a set
+of any size streams from disk. A set whose decoded images fit in
+``cache_mb`` is decoded once into memory instead, so a CPU epoch of a small
+set does not pay for PNG decoding again. Transforms are timm's
+(``create_transform``) with the model's interpolation, crop and mean/std.
 """
 from __future__ import annotations
 
@@ -12,15 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resolve_data_config
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform, resolve_data_config
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes
-from torchvision.transforms import v2
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from updp.core.errors import UpdpError
 
-IN_MEMORY_LIMIT = 60_000
+CACHE_MB = 2048  # default budget of decoded images kept in memory per split
+VAL_FOLDERS = ("val", "validation")
 
 
 class DataError(UpdpError):
@@ -76,6 +81,13 @@ def _check_arrays(path: Path, split: str, x, y, num_classes: int) -> None:
                         f"(min {y.min()}, max {y.max()}) for its {num_classes} classes")
 
 
+def split_folder(root: Path, split: str) -> Path:
+    """``root/train``; ``root/val``, else ``root/validation`` (timm's and ImageNet's layout)."""
+    if split == "train":
+        return root / "train"
+    return next((root / name for name in VAL_FOLDERS if (root / name).is_dir()), root / "val")
+
+
 def check_dataset(root: str | os.PathLike) -> list[str]:
     """The class names, after checking train/ and val/ exist, hold images and agree.
 
@@ -89,9 +101,10 @@ def check_dataset(root: str | os.PathLike) -> list[str]:
         raise DataError(f"dataset directory '{root}' does not exist")
     classes = {}
     for split in ("train", "val"):
-        folder = root / split
+        folder = split_folder(root, split)
         if not folder.is_dir():
-            raise DataError(f"dataset '{root}' has no {split}/ folder (expected {split}/<class>/<image>)")
+            raise DataError(f"dataset '{root}' has no {split}/ folder (expected {split}/<class>/<image>"
+                            + (", or validation/<class>/<image>)" if split == "val" else ")"))
         try:
             classes[split] = find_classes(str(folder))[0]
         except FileNotFoundError:
@@ -104,25 +117,37 @@ def check_dataset(root: str | os.PathLike) -> list[str]:
     return classes["train"]
 
 
-class ImageFolderTensors(Dataset):
-    """An ImageFolder split (or arrays from an .npz); decoded once into memory when small enough."""
+class ImageFolderImages(Dataset):
+    """An ImageFolder split (or arrays from an .npz) as RGB PIL images under ``transform``.
 
-    def __init__(self, folder: str | os.PathLike | None, transform=None, arrays=None):
+    Images are decoded when read (in DataLoader workers during training); a split whose decoded
+    size (estimated from its first image) fits in ``cache_mb`` is decoded once into memory.
+    """
+
+    def __init__(self, folder: str | os.PathLike | None, transform=None, arrays=None, cache_mb: float = CACHE_MB):
         self.transform = transform
         self.cache = None
         if arrays is not None:
             images, labels = arrays
-            self.cache = [torch.from_numpy(img).permute(2, 0, 1).expand(3, -1, -1).contiguous() for img in images]
+            self.cache = [Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).convert("RGB")
+                          for img in images]
             self.samples = [("", int(y)) for y in labels]
             return
         self.samples = _images(Path(folder))
-        if len(self.samples) <= IN_MEMORY_LIMIT:
-            self.cache = [self._decode(p) for p, _ in self.samples]
+        first = self._decode(self.samples[0][0])
+        if len(first.tobytes()) * len(self.samples) <= cache_mb * 2 ** 20:
+            self.cache = [first] + [self._decode(p) for p, _ in self.samples[1:]]
+
+    @property
+    def streaming(self) -> bool:
+        return self.cache is None
 
     @staticmethod
-    def _decode(path: str) -> torch.Tensor:
+    def _decode(path: str) -> Image.Image:
         try:
-            return v2.functional.pil_to_tensor(default_loader(path))
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB")
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt or truncated files
             raise DataError(f"cannot decode image '{path}' ({type(e).__name__}: {str(e)[:120]}); "
                             "remove or replace the file") from None
@@ -130,7 +155,7 @@ class ImageFolderTensors(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def with_transform(self, transform) -> "ImageFolderTensors":
+    def with_transform(self, transform) -> "ImageFolderImages":
         """The same images (and decoded cache) under another transform."""
         other = copy.copy(self)
         other.transform = transform
@@ -141,13 +166,16 @@ class ImageFolderTensors(Dataset):
         return (self.transform(img) if self.transform else img), self.samples[i][1]
 
 
-def transforms(img_size: int, train: bool, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
-    """timm-style: random resized crop + flip for training, resize for evaluation."""
-    tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+def transforms(img_size: int, train: bool, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+               interpolation: str = "bicubic", crop_pct: float = 1.0):
+    """timm's transforms (``create_transform``): for training a random resized crop (scale 0.35-1, as
+    small inputs need) and a flip, no colour jitter; for evaluation a resize to ``img_size / crop_pct``
+    and a center crop. Both end in a float tensor normalized with ``mean``/``std``."""
     if train:
-        return v2.Compose([v2.RandomResizedCrop(img_size, scale=(0.35, 1.0), antialias=True),
-                           v2.RandomHorizontalFlip(), *tail])
-    return v2.Compose([v2.Resize(img_size, antialias=True), v2.CenterCrop(img_size), *tail])
+        return create_transform(img_size, is_training=True, scale=(0.35, 1.0), color_jitter=0.0,
+                                interpolation=interpolation, mean=mean, std=std)
+    return create_transform(img_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
+                            mean=mean, std=std)
 
 
 @dataclass
@@ -161,30 +189,33 @@ class Splits:
     val: Dataset
 
 
-def normalization(model: nn.Module) -> dict[str, tuple[float, ...]]:
-    """The mean and std the model was trained with, as timm resolves them from its pretrained config."""
+def normalization(model: nn.Module) -> dict:
+    """The mean/std, interpolation and evaluation crop the model was trained with, as timm resolves them
+    from its pretrained config (keyword arguments of :func:`load_splits`)."""
     cfg = resolve_data_config(model=model)
-    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]), "interpolation": cfg["interpolation"],
+            "crop_pct": float(cfg["crop_pct"])}
 
 
 def load_splits(root: str | os.PathLike, img_size: int, held_out_every: int = 10,
-                mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
-                std: tuple[float, ...] = IMAGENET_DEFAULT_STD) -> Splits:
+                mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN, std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
+                interpolation: str = "bicubic", crop_pct: float = 1.0, cache_mb: float = CACHE_MB) -> Splits:
     """Every ``held_out_every``-th training image is held out from training for search scoring.
 
-    Images are normalized with ``mean``/``std``: pass the model's (:func:`normalization`).
+    Images are preprocessed as the model expects: pass :func:`normalization` of it.
     """
     classes = check_dataset(root)
-    norm = dict(mean=mean, std=std)
+    norm = dict(mean=mean, std=std, interpolation=interpolation)
+    evaluation = transforms(img_size, False, crop_pct=crop_pct, **norm)
     root = Path(root)
     if root.suffix == ".npz":
         arrays = _npz(root)
-        aug = ImageFolderTensors(None, transforms(img_size, True, **norm), (arrays["train_x"], arrays["train_y"]))
-        val = ImageFolderTensors(None, transforms(img_size, False, **norm), (arrays["val_x"], arrays["val_y"]))
+        aug = ImageFolderImages(None, transforms(img_size, True, **norm), (arrays["train_x"], arrays["train_y"]))
+        val = ImageFolderImages(None, evaluation, (arrays["val_x"], arrays["val_y"]))
     else:
-        aug = ImageFolderTensors(root / "train", transforms(img_size, True, **norm))
-        val = ImageFolderTensors(root / "val", transforms(img_size, False, **norm))
-    plain = aug.with_transform(transforms(img_size, False, **norm))
+        aug = ImageFolderImages(root / "train", transforms(img_size, True, **norm), cache_mb=cache_mb)
+        val = ImageFolderImages(split_folder(root, "val"), evaluation, cache_mb=cache_mb)
+    plain = aug.with_transform(evaluation)
     idx = range(len(aug))
     keep = [i for i in idx if i % held_out_every != held_out_every - 1]
     held = [i for i in idx if i % held_out_every == held_out_every - 1]
@@ -196,7 +227,7 @@ def labels(ds: Dataset) -> list[int]:
     if isinstance(ds, Subset):
         base = labels(ds.dataset)
         return [base[i] for i in ds.indices]
-    if isinstance(ds, ImageFolderTensors):
+    if isinstance(ds, ImageFolderImages):
         return [y for _, y in ds.samples]
     return [int(ds[i][1]) for i in range(len(ds))]
 

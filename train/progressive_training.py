@@ -17,7 +17,8 @@ from updp.core.config import option
 from updp.pruner import LambdaSchedule, PruningPlan, apply_plan, set_lambda
 from updp.pruner.schedule import SCHEDULES
 from updp.train.data import Splits, fixed_batches
-from updp.train.loop import TrainConfig, Trainer, kd_loss
+from updp.train.loop import StepContext, TrainConfig, Trainer, kd_loss
+from updp.train.runtime import CPU, Runtime
 
 
 @dataclass(frozen=True)
@@ -43,26 +44,30 @@ def schedule_for(fc: FadeConfig, plan: list[str], total_steps: int) -> LambdaSch
 
 
 def train_plan(baseline: nn.Module, plan: PruningPlan, splits: Splits, fc: FadeConfig, out_dir: Path, *,
-               batch_size: int, seed: int, desc: str = "progressive") -> nn.Module:
-    """Train the pruned subnet from the baseline with lambda fading and distillation; resumable."""
+               batch_size: int, seed: int, desc: str = "progressive", rt: Runtime = CPU) -> nn.Module:
+    """Train the pruned subnet from the baseline with lambda fading and distillation; resumable.
+
+    The student and the teacher (the baseline) are on ``rt``'s device; the student comes back there.
+    """
     names = plan.names
-    teacher = copy.deepcopy(baseline).eval().requires_grad_(False)
+    teacher = rt.prepare(copy.deepcopy(baseline).eval().requires_grad_(False))
     student = apply_plan(copy.deepcopy(baseline), names, lam=1.0)
     trainer_cfg = TrainConfig(epochs=fc.epochs, batch_size=batch_size, lr=fc.lr, seed=seed)
     state = {"lam": 1.0}
+    # blocks at lambda 0 or 1 skip a branch: those parameters take no part in some steps
     trainer = Trainer(student, trainer_cfg, splits.train, None, out_dir / "train.pt",
                       val_batches=fixed_batches(splits.val, 1000, seed), metrics_csv=out_dir / "train_metrics.csv",
-                      desc=desc, extra_state=lambda: {"lambda": state["lam"]})
+                      desc=desc, extra_state=lambda: {"lambda": state["lam"]}, rt=rt, find_unused_parameters=True)
     schedule = schedule_for(fc, names, trainer.total_steps)
 
-    def step(x, y, i):
+    def step(ctx: StepContext, x, y, i):
         lams = schedule.lambdas(i, names)
         set_lambda(student, lams)
         state["lam"] = sum(lams.values()) / max(1, len(lams))
         with torch.no_grad():
-            target = teacher(x)
-        loss = kd_loss(student(x), target, y, fc.kd_alpha, fc.kd_temperature, 0.1)
-        loss.backward()
+            target = ctx.forward(x, teacher)
+        loss = kd_loss(ctx.forward(x), target, y, fc.kd_alpha, fc.kd_temperature, 0.1)
+        ctx.backward(loss)
         return {"loss": loss.item(), "lam": state["lam"]}
 
     trainer.step_fn = step
