@@ -310,3 +310,24 @@ def test_torchrun_runs_the_tiny_config_on_two_processes_and_resumes_after_a_kill
     assert final["world_size"] == 2 and final["training_device"] == "cpu"
     assert (run / "report.md").read_text().count("## Final model") == 1
     assert again.stdout.count("final model in") == 1  # rank 0 speaks for the job
+
+
+@pytest.mark.slow
+def test_compiled_training_steps_follow_the_eager_ones(tmp_path):
+    """``--compile`` (torch.compile, inductor on the CPU here): the same weights as eager, to float tolerance."""
+    data = TensorDataset(torch.randn(64, 3, 2, 2, generator=torch.Generator().manual_seed(0)),
+                         torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1)))
+
+    def train(compile_):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 32), torch.nn.ReLU(),
+                                    torch.nn.Linear(32, 10))
+        trainer = Trainer(model, TrainConfig(epochs=1, batch_size=16), data, ce_step(), tmp_path / f"c{compile_}.pt",
+                          rt=Runtime(compile=compile_))
+        trainer.fit()
+        assert hasattr(trainer.ctx.net, "_orig_mod") == compile_  # the steps ran the compiled module
+        return model.state_dict()
+
+    eager, compiled = train(False), train(True)
+    for k in eager:
+        assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-6), k
