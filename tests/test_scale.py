@@ -308,6 +308,12 @@ def test_torchrun_runs_the_tiny_config_on_two_processes_and_resumes_after_a_kill
     assert re.search(rf"baseline:[^\n\r]*\b{saved['step']}/\d+", again.stderr)  # the bar starts where it stopped
     final = json.loads((run / "final.json").read_text())
     assert final["world_size"] == 2 and final["training_device"] == "cpu"
+    assert final["max_abs_logit_diff_merged_vs_subnet"] < 1e-4  # trained under DDP, merged exactly
+    import optuna
+
+    study = optuna.load_study(study_name="updp", storage=f"sqlite:///{run / 'study.db'}")
+    workers = {t.user_attrs.get("worker") for t in study.trials if t.user_attrs.get("latency_source")}
+    assert len(workers - {None}) >= 2  # both processes searched as workers of the one study
     assert (run / "report.md").read_text().count("## Final model") == 1
     assert again.stdout.count("final model in") == 1  # rank 0 speaks for the job
 
