@@ -17,7 +17,9 @@ COLUMNS = ["trial", "state", "score", "latency_ms", "latency_source", "n_pruned"
 
 RULE = ("Every figure, the front and the best plan use each trial's own objective values: top-1 of the "
         "supernet on held-out images, and latency measured where the trial was measured (latency_source "
-        "'measured'), else predicted by the latency table.")
+        "'measured'), else predicted by the latency table. With a latency budget the Pareto front is that of "
+        "the plans within the budget (Optuna's rule for constrained studies); the best plan is the front's "
+        "highest top-1.")
 
 
 def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None) -> pd.DataFrame:
@@ -39,11 +41,14 @@ def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def pareto_front(df: pd.DataFrame) -> pd.DataFrame:
-    """Completed plans no other plan dominates on score (up) and latency (down): Optuna's rule, so the
-    front equals ``study.best_trials`` (equal points are all kept)."""
-    done = df[df.state == "COMPLETE"].drop_duplicates("pruned").sort_values(["latency_ms", "score"],
-                                                                              ascending=[True, False])
+def pareto_front(df: pd.DataFrame, budget_ms: float | None = None) -> pd.DataFrame:
+    """Completed plans (within ``budget_ms`` when given) no other such plan dominates on score (up) and
+    latency (down): Optuna's rule, so the front equals ``study.best_trials``, which in a study with
+    constraints looks at feasible trials only (equal points are all kept)."""
+    done = df[df.state == "COMPLETE"]
+    if budget_ms is not None:
+        done = done[done.latency_ms.astype(float) <= budget_ms]
+    done = done.drop_duplicates("pruned").sort_values(["latency_ms", "score"], ascending=[True, False])
     points = list(zip(done.score, done.latency_ms))
     keep = [not any(s2 >= s and ms2 <= ms and (s2, ms2) != (s, ms) for s2, ms2 in points) for s, ms in points]
     return done[keep].reset_index(drop=True)
@@ -95,7 +100,7 @@ def _md_table(df: pd.DataFrame) -> str:
 def write_report(run_dir: Path, study: optuna.Study, context: dict, budget_ms: float | None) -> dict:
     """Write the four report files into ``run_dir``; returns the best plan under the budget."""
     df = trials_frame(study, context.get("model", ""), budget_ms)
-    front = pareto_front(df)
+    front = pareto_front(df, budget_ms)
     for name, frame in (("trials.csv", df), ("pareto.csv", front)):
         with atomic_path(run_dir / name) as tmp:
             frame.to_csv(tmp, index=False)

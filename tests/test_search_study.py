@@ -408,6 +408,8 @@ def test_pareto_front_keeps_only_undominated_plans():
     front = pareto_front(df)
     assert front.trial.tolist() == [1, 2, 0, 5]
     assert best_under_budget(front, 9.0).trial == 2 and best_under_budget(front, 4.0) is None
+    assert pareto_front(df, 9.0).trial.tolist() == [1, 2]  # within a budget: the front of the feasible plans
+    assert pareto_front(df, 4.0).empty
 
 
 def test_report_files(tmp_path):
@@ -421,7 +423,9 @@ def test_report_files(tmp_path):
             t.set_user_attr("predicted_latency_ms", 5.0)
         t.set_user_attr("score_s", 0.1)
         t.set_user_attr("latency_s", 0.01)
-        study.tell(t, [90.0 - i * i, 6.0 if i == 5 else 10.0 - i])
+        ms = 6.0 if i == 5 else 10.0 - i
+        t.set_constraint("latency_budget", ms - 7.5)  # as the search's objective does under a budget
+        study.tell(t, [90.0 - i * i, ms])
     summary = write_report(tmp_path, study, {"model": "m", "data": "d", "backend": "onnxruntime"}, 7.5)
     for name in ("trials.csv", "pareto.csv", "pareto.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
@@ -431,7 +435,7 @@ def test_report_files(tmp_path):
     assert trials.loc[3, "pruned"] == "b0,b1,b2"
     front = pd.read_csv(tmp_path / "pareto.csv")
     assert 5 not in set(front.trial)  # trial 4 is as fast (6.0 ms) and scores higher: one rule, trial values
-    assert {t.number for t in study.best_trials} == set(front.trial)
+    assert {t.number for t in study.best_trials} == set(front.trial) == {3, 4}  # feasible ones only (<= 7.5 ms)
     assert summary["best"]["trial"] == 3  # 7.0 ms is the best score under 7.5 ms
     text = (tmp_path / "report.md").read_text()
     assert "Best plan under the budget" in text and "own objective values" in text
