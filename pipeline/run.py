@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from updp.core.errors import UpdpError
+from updp.core.errors import UpdpError, warn
 from updp.latency.backends import resolve_backend
 from updp.pipeline import rundir
 from updp.pipeline.config import RunConfig
 from updp.pipeline.final import append_final_section, finalize
 from updp.pipeline.search import run_search
 from updp.pruner import PruningPlan
+from updp.search.report import pareto_front
 from updp.train.progressive_training import train_plan
 from updp.train.runtime import broadcast_object
 
@@ -28,10 +29,15 @@ def choose_plan(cfg: RunConfig, run_dir: Path) -> PruningPlan:
     if best and best.get("pruned"):
         return PruningPlan.from_str(cfg.model, best["pruned"])
     front = pd.read_csv(run_dir / "pareto.csv", keep_default_na=False)
-    pruned = front[front.n_pruned > 0].sort_values("score", ascending=False)
+    pruned = front[front.n_pruned > 0]
+    if pruned.empty and (run_dir / "trials.csv").is_file():  # nothing within the budget: the whole trade-off
+        pruned = pareto_front(pd.read_csv(run_dir / "trials.csv", keep_default_na=False)).query("n_pruned > 0")
+        if not pruned.empty:
+            warn("no plan met the latency budget: training the best-scoring pruned plan of the unconstrained "
+                 "Pareto front instead (give --plan to choose another)")
     if pruned.empty:
         raise UpdpError("the search found no pruned plan worth training; relax the budget or run more trials")
-    return PruningPlan.from_str(cfg.model, pruned.iloc[0].pruned)
+    return PruningPlan.from_str(cfg.model, pruned.sort_values("score", ascending=False).iloc[0].pruned)
 
 
 def train_and_merge(cfg: RunConfig, run_dir: Path, plan: PruningPlan | None = None) -> dict:

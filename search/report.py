@@ -51,7 +51,7 @@ def pareto_front(df: pd.DataFrame, budget_ms: float | None = None) -> pd.DataFra
     done = done.drop_duplicates("pruned").sort_values(["latency_ms", "score"], ascending=[True, False])
     points = list(zip(done.score, done.latency_ms))
     keep = [not any(s2 >= s and ms2 <= ms and (s2, ms2) != (s, ms) for s2, ms2 in points) for s, ms in points]
-    return done[keep].reset_index(drop=True)
+    return done[pd.Series(keep, index=done.index, dtype=bool)].reset_index(drop=True)
 
 
 def best_under_budget(front: pd.DataFrame, budget_ms: float | None) -> pd.Series | None:

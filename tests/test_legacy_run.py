@@ -103,3 +103,17 @@ def test_a_legacy_search_continues_with_more_trials(run_dir, capsys):
     assert len(done) == 9
     plans = [st.trial_plan(t, MODEL) for t in done]
     assert len(set(plans)) == len(plans)  # no plan of the old trials evaluated again
+
+
+def test_with_no_plan_in_the_budget_the_best_pruned_plan_of_the_whole_trade_off_is_trained(run_dir, capsys):
+    summary = json.loads((run_dir / "search_summary.json").read_text())
+    summary["best"] = None
+    (run_dir / "search_summary.json").write_text(json.dumps(summary))
+    front = pd.read_csv(run_dir / "pareto.csv", keep_default_na=False)
+    front.iloc[0:0].to_csv(run_dir / "pareto.csv", index=False)  # the front within the budget is empty
+    trials = pd.read_csv(run_dir / "trials.csv", keep_default_na=False)
+    done = trials[(trials.state == "COMPLETE") & (trials.n_pruned > 0)]
+    best = done.sort_values("score", ascending=False).iloc[0]  # the top scorer is on the unconstrained front
+    plan = choose_plan(_cfg(run_dir), run_dir)
+    assert plan == PruningPlan.from_str(MODEL, best.pruned)
+    assert "no plan met the latency budget" in capsys.readouterr().err

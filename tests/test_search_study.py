@@ -409,7 +409,7 @@ def test_pareto_front_keeps_only_undominated_plans():
     assert front.trial.tolist() == [1, 2, 0, 5]
     assert best_under_budget(front, 9.0).trial == 2 and best_under_budget(front, 4.0) is None
     assert pareto_front(df, 9.0).trial.tolist() == [1, 2]  # within a budget: the front of the feasible plans
-    assert pareto_front(df, 4.0).empty
+    assert pareto_front(df, 4.0).empty and list(pareto_front(df, 4.0).columns) == list(df.columns)
 
 
 def test_report_files(tmp_path):
@@ -440,6 +440,9 @@ def test_report_files(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "Best plan under the budget" in text and "own objective values" in text
     assert (tmp_path / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    summary = write_report(tmp_path, study, {"model": "m", "data": "d"}, 1.0)  # no plan within the budget
+    assert summary["best"] is None and summary["front"] == 0 and pd.read_csv(tmp_path / "pareto.csv").empty
+    assert "No completed plan meets the budget" in (tmp_path / "report.md").read_text()
 
 
 # --- hybrid mode: a plan predicted onto the front is measured inside its trial ------------------------
