@@ -28,12 +28,7 @@ from updp.latency.base import MeasureConfig
 from updp.latency.predictor import evaluate, fit, sized_plans
 from updp.latency.table import LatencyTable, ratio
 from updp.pruner import PruningPlan, create_model, default_input_size, find_blocks
-from updp.search.timing import PlanTimer
-
-
-def groups_of(specs) -> dict[str, str]:
-    """Blocks of one stage, family and shape share a group (and so a cost)."""
-    return {s.name: f"s{s.stage}:{s.family}:{s.in_chs}>{s.out_chs}/{s.stride}" for s in specs}
+from updp.search.timing import PlanTimer, block_groups
 
 
 def ratios(timer: PlanTimer, model: str, plans: list[PruningPlan]) -> tuple[float, list[float | None]]:
@@ -53,7 +48,7 @@ def main() -> None:
         base = create_model(model)
         specs = find_blocks(base, default_input_size(base)).worthwhile
         blocks = [s.name for s in specs]
-        groups = groups_of(specs)
+        groups = block_groups(specs)
         timer = PlanTimer(model, "onnxruntime", cfg, cache=None)
         singles = [PruningPlan(model, {b}) for b in blocks]
         fit_plans = sized_plans(model, blocks, args.fit, seed=1)

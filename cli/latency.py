@@ -79,12 +79,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", metavar="FILE", help="where to write the table JSON (default: latency_table_MODEL.json)")
     t.set_defaults(func=cmd_table)
 
-    c = lsub.add_parser("calibrate", help="error of the per-block table against measurement on random plans")
+    c = lsub.add_parser("calibrate", help="fit the latency model; table and model error on held-out random plans",
+                        description="One interleaved pass times the baseline, --fit random plans (sizes spread "
+                                    "evenly) and --plans other random plans. The fitted latency model (per-group "
+                                    "counts and interactions, from the table's single blocks and the --fit plans) "
+                                    "and the additive table are both judged on the --plans plans only.")
     _add_measure_args(c)
     c.add_argument("--table", metavar="FILE", required=True, help="table JSON from 'updp latency table'")
-    c.add_argument("--plans", type=int, default=30, metavar="N", help="random plans to measure (default 30)")
+    c.add_argument("--plans", type=int, default=30, metavar="N", help="held-out random plans (default 30)")
+    c.add_argument("--fit", type=int, default=20, metavar="N",
+                   help="random plans measured to fit the model (default 20; 0: judge the table only)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", metavar="FILE", help="CSV of predicted vs measured per plan")
+    c.add_argument("--out", metavar="FILE", help="CSV of predicted vs measured per held-out plan")
+    c.add_argument("--model-out", metavar="FILE", help="fitted model JSON (default: latency_model_MODEL.json)")
     c.set_defaults(func=cmd_calibrate)
     p.set_defaults(func=lambda args: p.print_help() or 2)
 
@@ -256,21 +263,54 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from updp.core.fileio import atomic_path
-    from updp.latency.table import LatencyTable, calibrate, error_summary, random_plans
+    from updp.latency.predictor import evaluate, fit, sized_plans
+    from updp.latency.table import LatencyTable, calibrate, error_summary, random_plans, ratio
+    from updp.pruner import PruningPlan, create_model, default_input_size, find_blocks
+    from updp.search.timing import block_groups, single_block_ratios
 
     _check_positive(args)
+    if args.fit < 0:
+        raise UpdpError(f"--fit must be zero or more, got {args.fit}")
     table = LatencyTable.load(args.table)
     timer = _timer(args)
-    plans = random_plans(args.model, list(table.saved_frac), args.plans, args.seed)
-    print(f"timing the baseline and {len(plans)} random plans, interleaved...", file=sys.stderr)
-    df = calibrate(table, timer.measure_many, plans)
+    blocks = list(table.saved_frac)
+    held = random_plans(args.model, blocks, args.plans, args.seed)
+    fit_plans = [p for p in sized_plans(args.model, blocks, args.fit + len(held), args.seed + 1)
+                 if p not in held][:args.fit]
+    print(f"timing the baseline, {len(fit_plans)} plans to fit and {len(held)} held-out plans, interleaved...",
+          file=sys.stderr)
+    measured = {}
+
+    def measure_many(plans):  # one pass for both sets; the table's calibration reads the held-out share
+        results = timer.measure_many([PruningPlan(args.model), *fit_plans, *plans[1:]])
+        measured.update(base=results[0], fit=results[1:len(fit_plans) + 1])
+        return [results[0], *results[len(fit_plans) + 1:]]
+
+    df = calibrate(table, measure_many, held)
     if args.out:
         with atomic_path(args.out) as tmp:
             df.to_csv(tmp, index=False)
     summary = error_summary(df)
     for row in df[df["error"].notna()].itertuples():
         warn(f"plan {row.pruned} could not be timed: {row.error}")
-    print(f"per-block table vs measurement on {summary['plans']} random plans ({timer.backend.name}): "
+    print(f"per-block table vs measurement on {summary['plans']} held-out random plans ({timer.backend.name}): "
           f"median APE {summary['median_ape_pct']:.2f} %, p95 {summary['p95_ape_pct']:.2f} %, "
           f"max {summary['max_ape_pct']:.2f} %" + (f"; {summary['failed']} failed" if summary["failed"] else ""))
+    if not fit_plans:
+        return 0
+    base = create_model(args.model, args.num_classes)
+    specs = [s for s in find_blocks(base, default_input_size(base, args.img_size)).worthwhile if s.name in blocks]
+    singles, single_ratios = single_block_ratios(table)
+    fit_ratios = [ratio(r, measured["base"]) if r.ok else None for r in measured["fit"]]
+    model = fit(args.model, block_groups(specs), [*singles, *fit_plans], [*single_ratios, *fit_ratios],
+                measured["base"].median_ms, {**table.context, "fit_pass_backend": timer.backend.name})
+    ok = df["error"].isna()
+    model.held_out = evaluate(model.predicted_ratio, [p for p, k in zip(held, ok) if k],
+                              df.loc[ok, "measured_ratio"].tolist())
+    out = Path(args.model_out or f"latency_model_{args.model}.json")
+    model.to_json(out)
+    h = model.held_out
+    print(f"fitted latency model ({len(singles) + len(fit_plans)} plans fitted) on the same {h['plans']} held-out "
+          f"plans: median APE {h['median_ape_pct']:.2f} %, p95 {h['p95_ape_pct']:.2f} %, max {h['max_ape_pct']:.2f} "
+          f"%; wrote {out}")
     return 0

@@ -33,6 +33,7 @@ import numpy as np
 from updp.core.errors import UpdpError
 from updp.core.fileio import write_json
 from updp.core.plan import PruningPlan
+from updp.latency.table import UnmeasuredBlock
 
 ALPHAS = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 MIN_RATIO = 0.05
@@ -63,12 +64,17 @@ class LatencyModel:
     fit_plans: list[dict] = field(default_factory=list)  # {"pruned": str, "ratio": float}
     held_out: dict = field(default_factory=dict)  # summary of evaluate() on plans it never saw
     context: dict = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # blocks the table could not time: plans with them fail
 
     @property
     def group_order(self) -> list[str]:
         return list(dict.fromkeys(self.groups.values()))
 
     def _x(self, pruned: Iterable[str]) -> np.ndarray:
+        pruned = list(pruned)
+        failed = {b: self.failed[b] for b in pruned if b in self.failed}
+        if failed:
+            raise UnmeasuredBlock(failed)
         counts: dict[str, int] = {}
         unknown = []
         for b in pruned:
@@ -123,8 +129,13 @@ def _loo_error(x: np.ndarray, y: np.ndarray, alpha: float) -> float:
     return float(np.median(errors))
 
 
+def features_needed(groups: Mapping[str, str]) -> int:
+    """Measured plans a fit needs at least: one more than the features."""
+    return len(feature_names(list(dict.fromkeys(groups.values())))) + 1
+
+
 def fit(model: str, groups: Mapping[str, str], plans: Sequence[PruningPlan], ratios: Sequence[float],
-        baseline_ms: float, context: dict | None = None) -> LatencyModel:
+        baseline_ms: float, context: dict | None = None, failed: Mapping[str, str] | None = None) -> LatencyModel:
     """Fit the ratio model to measured plans (``ratios[i]`` = plan i / the pass's baseline).
 
     Raises:
@@ -142,7 +153,8 @@ def fit(model: str, groups: Mapping[str, str], plans: Sequence[PruningPlan], rat
     alpha = min(ALPHAS, key=lambda a: (_loo_error(x, y, a), -a))  # ties: the stronger penalty
     intercept, coef = _ridge(x, y, alpha)
     return LatencyModel(model, baseline_ms, dict(groups), names, coef.tolist(), intercept, alpha,
-                        [{"pruned": p.to_str(), "ratio": r} for p, r in pairs], {}, dict(context or {}))
+                        [{"pruned": p.to_str(), "ratio": r} for p, r in pairs], {}, dict(context or {}),
+                        dict(failed or {}))
 
 
 def evaluate(predict_ratio, plans: Sequence[PruningPlan], ratios: Sequence[float]) -> dict:

@@ -54,6 +54,9 @@ class LatencyConfig:
     threads: int | None = option(None, "CPU threads for CPU backends", "--threads")
     runs: int = option(50, "timed runs per figure")
     verify_top: int = option(8, "hybrid: at most this many plans measured in their trials")
+    fit_plans: int = option(16, "random plans timed (with the table's single blocks) to fit the latency model "
+                            "that predicts plans; 0: the additive table predicts", "--fit-plans", metavar="N")
+    held_out_plans: int = option(8, "other random plans timed in that pass to report the model's error")
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,8 @@ def validate(cfg: RunConfig) -> None:
                    "latency.batch_size latency.runs search.trials train.lr supernet.kd_temperature "
                    "train.kd_temperature")
     _positive(cfg, "data.cache_mb baseline.epochs supernet.epochs train.epochs supernet.random_plans "
-                   "latency.verify_top search.finetune_steps train.stagger_frac", strict=False)
+                   "latency.verify_top latency.fit_plans latency.held_out_plans search.finetune_steps "
+                   "train.stagger_frac", strict=False)
     _positive(cfg, "num_classes latency.img_size latency.threads search.max_per_stage search.latency_budget_ms",
               optional=True)
     if cfg.search.sampler not in SAMPLERS:  # an import path: built (imported) here, before any long work

@@ -21,6 +21,7 @@ from updp.core.fileio import write_json
 from updp.core.plan import PruningPlan
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import LatencyCache
+from updp.latency.predictor import LatencyModel, evaluate, features_needed, fit, sized_plans
 from updp.latency.table import LatencyTable, build_table, ratio
 from updp.pipeline.config import RunConfig
 from updp.pipeline.rundir import (
@@ -38,7 +39,7 @@ from updp.search import study as st
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
 from updp.search.supernet import Supernet
-from updp.search.timing import PlanTimer
+from updp.search.timing import PlanTimer, block_groups, single_block_ratios
 from updp.train.data import fixed_batches
 from updp.train.loop import TrainConfig, Trainer
 from updp.train.runtime import barrier, broadcast_object
@@ -62,14 +63,62 @@ def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:
     return LatencyTable.load(path)
 
 
-def budget(inp: Inputs, table: LatencyTable) -> float | None:
+def latency_model(inp: Inputs, timer: PlanTimer, table: LatencyTable) -> LatencyModel | None:
+    """The fitted latency model of the run (``latency_model.json``), or None with ``latency.fit_plans`` 0.
+
+    One interleaved pass (rank 0) times the baseline, ``fit_plans`` random plans (more when the model's
+    features need them) and ``held_out_plans`` others; the model is fitted to those and the table's
+    single blocks, and its error and the table's are measured on the held-out plans only.
+    """
+    lc, model = inp.cfg.latency, inp.cfg.model
+    path = inp.run_dir / "latency_model.json"
+    if lc.mode == "measure":  # every plan is measured: nothing to predict but the budget (from the table)
+        return None
+    if lc.fit_plans and not path.is_file() and inp.rt.is_main:
+        blocks = [b for b in inp.space.names if b not in table.failed]
+        groups = block_groups([s for s in inp.space.candidates if s.name in blocks])
+        singles, single_ratios = single_block_ratios(table)
+        n_fit = max(lc.fit_plans, features_needed(groups) - len(singles) + 2)
+        plans = sized_plans(model, blocks, n_fit + lc.held_out_plans, seed=inp.cfg.search.seed)
+        fit_plans, held = plans[:n_fit], plans[n_fit:]
+        print(f"updp: timing {len(fit_plans)} random plans to fit the latency model and {len(held)} to check it "
+              f"({timer.backend.name}, interleaved)...", flush=True)
+        base, *results = timer.measure_many([PruningPlan(model), *fit_plans, *held])
+        if not base.ok:
+            raise UpdpError(f"the baseline latency of {model} could not be measured ({base.error})")
+        ratios = [ratio(r, base) if r.ok else None for r in results]
+        fitted = fit(model, groups, [*singles, *fit_plans], [*single_ratios, *ratios[:n_fit]], table.baseline_ms,
+                     {k: v for k, v in table.context.items() if k != "round_medians_ms"}, table.failed)
+        fitted.held_out = {"fitted": evaluate(fitted.predicted_ratio, held, ratios[n_fit:]),
+                           "table": evaluate(table.predicted_ratio, held, ratios[n_fit:])}
+        fitted.to_json(path)
+    barrier(inp.rt)
+    return LatencyModel.load(path) if lc.fit_plans and path.is_file() else None
+
+
+def predictor_summary(model: LatencyModel | None, mode: str = "table") -> str:
+    """What predicts a plan's latency in this run, and how well it did on plans it was not fitted on."""
+    if mode == "measure":
+        return "none: every plan measured (the budget from the additive per-block table)"
+    if model is None:
+        return "additive per-block table (latency_table.json)"
+    f, t = model.held_out.get("fitted", {}), model.held_out.get("table", {})
+    if not f.get("plans"):
+        return f"fitted latency model (latency_model.json, {len(model.fit_plans)} plans): no held-out check"
+    return (f"fitted latency model (latency_model.json, {len(model.fit_plans)} measured plans): median APE "
+            f"{f['median_ape_pct']:.2f} %, p95 {f['p95_ape_pct']:.2f} % on {f['plans']} held-out plans "
+            f"(additive table on the same plans: {t['median_ape_pct']:.2f} %, p95 {t['p95_ape_pct']:.2f} %)")
+
+
+def budget(inp: Inputs, table: LatencyTable, predictor=None) -> float | None:
     """The latency budget in ms; an impossible one is an error before any training.
 
     ``budget_frac`` places the budget inside the range the table measured (between the
     baseline and the most-pruned allowed plan), so it is reachable on any machine.
     """
     s = inp.cfg.search
-    floor = table.predict(inp.space.repair(n for n in inp.space.names if n not in table.failed))
+    predictor = predictor or table
+    floor = predictor.predict(inp.space.repair(n for n in inp.space.names if n not in table.failed))
     if s.budget_frac is not None:
         if floor >= table.baseline_ms:
             warn(f"the latency table measured no saving (most-pruned plan {floor:.4g} ms, baseline "
@@ -102,14 +151,14 @@ def train_supernet(inp: Inputs, model: torch.nn.Module) -> Supernet:
 
 
 class PlanLatency:
-    """Latency of a plan for the objective: measured, or predicted by the table.
+    """Latency of a plan for the objective: measured, or predicted by the fitted model (else the table).
 
     ``verify`` (hybrid mode) measures a plan interleaved with the baseline and
     scales the ratio to the table's baseline, so it compares with predictions.
     """
 
-    def __init__(self, mode: str, timer: PlanTimer, table: LatencyTable):
-        self.mode, self.timer, self.table = mode, timer, table
+    def __init__(self, mode: str, timer: PlanTimer, table: LatencyTable, model: LatencyModel | None = None):
+        self.mode, self.timer, self.table, self.model = mode, timer, table, model
 
     def __call__(self, plan: PruningPlan):
         if self.mode == "measure":
@@ -118,6 +167,8 @@ class PlanLatency:
                 raise st.CandidateFailed(r.error)
             return r.median_ms, "measured", r.context
         try:
+            if self.model is not None:
+                return self.model.predict(plan), "predicted", {"predictor": "latency_model.json"}
             return self.table.predict(plan), "predicted", {"table": "latency_table.json"}
         except UpdpError as e:  # a block the table could not time
             raise st.CandidateFailed(str(e)) from None
@@ -161,7 +212,8 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
     with training_lock(run_dir):
         with stage(run_dir, "latency_table"):
             table = latency_table(inp, timer)
-            budget_ms = budget(inp, table)
+            fitted = latency_model(inp, timer, table)
+            budget_ms = budget(inp, table, fitted)
         with stage(run_dir, "baseline"):
             model = baseline_model(inp)
         with stage(run_dir, "supernet"):
@@ -180,7 +232,7 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
         calib = resident(fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed), inp.rt)
         held = resident(fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed), inp.rt)
         scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps, rt=inp.rt)  # noqa: E731
-        latency = PlanLatency(cfg.latency.mode, timer, table)
+        latency = PlanLatency(cfg.latency.mode, timer, table, fitted)
         objective = st.Objective(inp.space, s.space, scorer, latency, budget_ms,
                                  verify=latency.verify if cfg.latency.mode == "hybrid" else None,
                                  verify_top=cfg.latency.verify_top)
@@ -196,14 +248,16 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
               f"pruned ({counts['duplicates_skipped']} repeated plans not scored again)", flush=True)
     barrier(inp.rt)  # under torchrun every rank is a worker of the study: rank 0 reports once all are done
     with stage(run_dir, "report"):
-        summary = report(run_dir, study, run_context(cfg, timer, budget_ms, table, inp)) if inp.rt.is_main else {}
+        context = run_context(cfg, timer, budget_ms, table, inp, fitted)
+        summary = report(run_dir, study, context) if inp.rt.is_main else {}
     return broadcast_object(inp.rt, summary)
 
 
 def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None,
-                inp: Inputs | None = None) -> dict:
+                inp: Inputs | None = None, model: LatencyModel | None = None) -> dict:
     training = {"training": inp.rt.describe()} if inp else {}
-    return {**training, "model": cfg.model, "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
+    return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "model": cfg.model,
+            "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
             "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend.name,
             "device": timer.device, "precision": timer.cfg.precision, "batch_size": timer.cfg.batch_size,

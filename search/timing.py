@@ -91,3 +91,14 @@ def _torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def block_groups(specs) -> dict[str, str]:
+    """Blocks of one stage, family and shape share a group in the fitted latency model (and so a cost)."""
+    return {s.name: f"s{s.stage}:{s.family}:{s.in_chs}>{s.out_chs}/{s.stride}" for s in specs}
+
+
+def single_block_ratios(table) -> tuple[list[PruningPlan], list[float]]:
+    """The table's single-block measurements as (plan, ratio to the baseline) pairs for a fit."""
+    model = table.context.get("model", "")
+    return [PruningPlan(model, {b}) for b in table.saved_frac], [1.0 - f for f in table.saved_frac.values()]

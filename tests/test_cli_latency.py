@@ -75,9 +75,16 @@ def test_table_then_calibrate(capsys, tmp_path):
     saved = json.loads(table.read_text())["saved_frac"]
     assert len(saved) == 9  # every test_convnext block is worthwhile
     csv = tmp_path / "cal.csv"
+    model = tmp_path / "m.json"
     code, out, _ = run(capsys, "latency", "calibrate", "test_convnext", *FAST, "--backend", "onnxruntime",
-                       "--no-cache", "--table", str(table), "--plans", "3", "--out", str(csv))
-    assert code == 0 and "median APE" in out and len(pd.read_csv(csv)) == 3
+                       "--no-cache", "--table", str(table), "--plans", "3", "--fit", "6", "--out", str(csv),
+                       "--model-out", str(model))
+    assert code == 0 and "per-block table vs measurement on 3 held-out" in out and len(pd.read_csv(csv)) == 3
+    assert "fitted latency model (15 plans fitted) on the same 3 held-out plans" in out
+    fitted = json.loads(model.read_text())
+    assert len(fitted["fit_plans"]) == 15 and fitted["held_out"]["plans"] == 3
+    held = set(pd.read_csv(csv, keep_default_na=False).pruned)
+    assert not held & {p["pruned"] for p in fitted["fit_plans"]}  # judged only on plans it was not fitted on
 
 
 @pytest.mark.parametrize("argv,fragment", [

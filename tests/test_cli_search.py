@@ -54,6 +54,10 @@ def test_search_end_to_end_then_resume_is_a_no_op(capsys, tmp_path, data_dir):
     assert 1 <= len(measured) <= 8 and measured.predicted_latency_ms.astype(float).gt(0).all()  # hybrid: verified
     assert set(trials.latency_source) == {"predicted", "measured"}
     assert trials.pruned.iloc[0] == ""  # the unpruned seed plan comes first
+    fitted = json.loads((run_dir / "latency_model.json").read_text())  # the run's predictor, with its evidence
+    assert fitted["held_out"]["fitted"]["plans"] == fitted["held_out"]["table"]["plans"] == 8
+    held_out_error = f"median APE {fitted['held_out']['fitted']['median_ape_pct']:.2f} %"
+    assert held_out_error in (run_dir / "report.md").read_text()  # the report states the predictor's error
     budget = json.loads((run_dir / "search_summary.json").read_text())["context"]["budget_ms"]
     done = trials[trials.state == "COMPLETE"]
     inside = done[done.latency_ms.astype(float) <= budget]

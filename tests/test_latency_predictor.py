@@ -75,3 +75,13 @@ def test_sized_plans_spread_over_every_size():
     assert len(set(plans)) == 60 and all(plans)
     sizes = [len(p) for p in plans]
     assert min(sizes) <= 2 and max(sizes) >= len(BLOCKS) - 1
+
+
+def test_a_block_the_table_could_not_time_fails_the_plans_that_hold_it():
+    from updp.latency.table import UnmeasuredBlock
+
+    fit_plans, fit_ratios, held, _ = _data(0)
+    model = fit("m", GROUPS, fit_plans, fit_ratios, baseline_ms=10.0, failed={"s1.b2": "timed out"})
+    with pytest.raises(UnmeasuredBlock, match="timed out"):
+        model.predict({"s0.b0", "s1.b2"})
+    assert model.predict({"s0.b0"}) > 0

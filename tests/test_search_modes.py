@@ -49,6 +49,19 @@ class _Timer:
                 failure("RuntimeError: engine build failed in round 1 of 20", **fields)]
 
 
+def test_with_a_fitted_model_the_plans_are_predicted_by_it_not_by_the_table():
+    from updp.latency.predictor import fit, sized_plans
+
+    blocks = [f"b{i}" for i in range(6)]
+    plans = [PruningPlan("m", {b}) for b in blocks] + sized_plans("m", blocks, 10, seed=0)
+    model = fit("m", {b: "g" for b in blocks}, plans, [1 - 0.1 * len(p) + 0.01 * len(p) ** 2 for p in plans], 2.0)
+    table = LatencyTable(2.0, {b: 0.1 for b in blocks})
+    plan = PruningPlan("m", set(blocks[:4]))
+    ms, source, context = PlanLatency("table", None, table, model)(plan)
+    assert source == "predicted" and context == {"predictor": "latency_model.json"}
+    assert ms == pytest.approx(2.0 * (1 - 0.4 + 0.16), rel=1e-3) and table.predict(plan) == pytest.approx(1.2)
+
+
 def test_a_hybrid_verification_that_fails_fails_the_trial():
     latency = PlanLatency("hybrid", _Timer(), LatencyTable(1.0, {"a": 0.1}))
     with pytest.raises(st.CandidateFailed, match="engine build failed"):
