@@ -212,6 +212,8 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
     with training_lock(run_dir):
         with stage(run_dir, "latency_table"):
             table = latency_table(inp, timer)
+            if cfg.search.latency_budget_ms or cfg.search.target_speedup:
+                budget(inp, table)  # an impossible budget is an error before the model's timing pass too
             fitted = latency_model(inp, timer, table)
             budget_ms = budget(inp, table, fitted)
         with stage(run_dir, "baseline"):

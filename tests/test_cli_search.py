@@ -92,6 +92,7 @@ def test_impossible_budget_before_training(capsys, tmp_path, data_dir):
     msg = _error(capsys, "search", *FAST, "--data", data_dir, "--run", tmp_path / "r", "--latency-budget-ms", "1e-6")
     assert "impossible budget" in msg
     assert not (tmp_path / "r" / "baseline.pt").exists()
+    assert not (tmp_path / "r" / "latency_model.json").exists()  # nor the latency model's timing pass
 
 
 def test_image_size_the_model_cannot_take(capsys, tmp_path, data_dir):
