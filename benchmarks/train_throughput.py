@@ -70,6 +70,17 @@ def updp_baseline(model, data, args, rt, tmp: Path) -> float:
     return clock.images_per_s()
 
 
+def _update(loss, model, opt, sched, scaler) -> None:
+    """A plain loop's backward and update: loss scaling, clipping, optimizer and LR steps."""
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    sched.step()
+
+
 def plain_baseline(model, data, args, rt, tmp: Path) -> float:
     """A timm-style training loop, nothing more."""
     clock = Clock(args.batch)
@@ -83,14 +94,7 @@ def plain_baseline(model, data, args, rt, tmp: Path) -> float:
         x, y = rt.batch(x, y)
         with rt.autocast():
             out = model(x)
-        loss = F.cross_entropy(out.float(), y, label_smoothing=0.1)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        _update(F.cross_entropy(out.float(), y, label_smoothing=0.1), model, opt, sched, scaler)
     return clock.images_per_s()
 
 
@@ -148,14 +152,7 @@ def plain_progressive(baseline, plan, data, args, rt, tmp: Path) -> float:
             t = teacher(x)
         with rt.autocast():
             s = student(x)
-        loss = kd_loss(s.float(), t.float(), y, 0.5, 2.0, 0.1)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
+        _update(kd_loss(s.float(), t.float(), y, 0.5, 2.0, 0.1), student, opt, sched, scaler)
     return clock.images_per_s()
 
 

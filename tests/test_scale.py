@@ -81,12 +81,12 @@ def test_runtime_resolution_and_one_line_errors(monkeypatch):
 def test_a_device_this_machine_lacks_is_one_line_before_any_work(tmp_path, capsys):
     from updp.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    # without CUDA any GPU is missing; with it, one past the machine's count is
+    device, says = ("cuda:99", "GPU(s)") if torch.cuda.is_available() else ("cuda", "sees no CUDA GPU")
     code = main(["search", "--model", "test_convnext", "--data", str(HERE.parent / "data" / "cifar10_demo.npz"),
-                 "--run", str(tmp_path / "r"), "--device", "cuda"])
+                 "--run", str(tmp_path / "r"), "--device", device])
     err = capsys.readouterr().err
-    assert code == 2 and "sees no CUDA GPU" in err and len(err.strip().splitlines()) == 1
+    assert code == 2 and says in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "r" / "baseline.pt").exists()
 
 
