@@ -13,7 +13,7 @@ from updp.core.errors import UpdpError, warn
 if TYPE_CHECKING:
     from updp.core.plan import PruningPlan
 
-SUBCOMMANDS = ("measure", "import", "table", "calibrate")
+SUBCOMMANDS = ("measure", "export", "import", "table", "calibrate")
 
 
 def _add_measure_args(p: argparse.ArgumentParser) -> None:
@@ -57,17 +57,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--format", choices=["text", "json"], default="text")
     m.set_defaults(func=cmd_measure)
 
-    i = lsub.add_parser("import", help="store a trtexec measurement in the cache",
-                        description="Parse a trtexec log or --exportTimes JSON and store it (median = GPU "
-                                    "Compute Time median) under backend 'trtexec', so a target that only runs "
-                                    "trtexec can still drive a search.")
-    i.add_argument("file", metavar="FILE", help="trtexec text log, --exportTimes JSON or trex metadata JSON")
-    i.add_argument("--model", required=True, metavar="MODEL", help="timm model name the engine was built from")
-    i.add_argument("--plan", metavar="PLAN", help="the plan the engine was built from (default: unpruned)")
-    i.add_argument("--batch-size", type=int, help="override the batch parsed from the log")
-    i.add_argument("--img-size", type=int, metavar="PX", help="override the input size parsed from the log")
-    i.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="override the parsed precision")
-    i.add_argument("--device", metavar="NAME", help="device name when the file has none (exportTimes JSON)")
+    e = lsub.add_parser("export", help="write the ONNX of the plans a latency predictor needs, and a trtexec script",
+                        description="For a target that only runs trtexec: the ONNX of every plan the predictor "
+                                    "needs (merged), manifest.json (plan key -> file) and run_trtexec.sh, which runs "
+                                    "trtexec on each (TensorRT 10 or 11) and keeps the logs in DIR/outputs. Then "
+                                    "'updp latency import DIR' and 'updp search --backend trtexec --latency-device "
+                                    "NAME --latency-mode table'.")
+    e.add_argument("model", metavar="MODEL", help="timm model name")
+    e.add_argument("--plans", default="calibration", metavar="SET",
+                   help="table (baseline + each block alone), calibration (table + the fit and held-out plans a "
+                        "search with the same --fit-plans/--held-out-plans/--seed/--keep picks; the default), or "
+                        "a FILE of plans (JSON list of block-name lists, or one comma-joined plan per line)")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder to write (an earlier export there resumes)")
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--img-size", type=int, metavar="PX", help="square input size (default: the model's own)")
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
+                   help="fp16 is exported as a float16 ONNX (strongly typed on TensorRT 10 and 11)")
+    e.add_argument("--num-classes", type=int, metavar="N")
+    e.add_argument("--fit-plans", type=int, default=16, metavar="N", help="as the search's --fit-plans (default 16)")
+    e.add_argument("--held-out-plans", type=int, default=8, metavar="N", help="as the search's (default 8)")
+    e.add_argument("--seed", type=int, default=0, help="as the search's --seed (default 0)")
+    e.add_argument("--keep", action="append", default=[], metavar="BLOCK", help="as the search's --keep (repeatable)")
+    e.set_defaults(func=cmd_export)
+
+    i = lsub.add_parser("import", help="store trtexec measurements in the cache",
+                        description="DIR from 'updp latency export': every trtexec log (else --exportTimes JSON) in "
+                                    "DIR/outputs, matched to its plan through the manifest. FILE: one trtexec log, "
+                                    "--exportTimes JSON or trex metadata JSON (needs --model). Stored (median = GPU "
+                                    "Compute Time median) under backend 'trtexec' with the device name, where "
+                                    "'updp search --backend trtexec' reads them.")
+    i.add_argument("file", metavar="DIR|FILE", help="an export folder, or one trtexec output file")
+    i.add_argument("--model", metavar="MODEL", help="FILE only: timm model name the engine was built from")
+    i.add_argument("--plan", metavar="PLAN", help="FILE only: the plan the engine was built from (default: unpruned)")
+    i.add_argument("--batch-size", type=int, help="FILE only: override the batch parsed from the log")
+    i.add_argument("--img-size", type=int, metavar="PX", help="FILE only: override the input size parsed from the log")
+    i.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="FILE only: override the parsed precision")
+    i.add_argument("--device", metavar="NAME", help="device name when a file has none (exportTimes JSON)")
     i.add_argument("--format", choices=["text", "json"], default="text")
     _add_cache_args(i)
     i.set_defaults(func=cmd_import)
@@ -117,7 +142,7 @@ def _check_positive(args: argparse.Namespace) -> None:
     """Counts and times that cannot be zero or negative, refused before any file is read or model built."""
     for name in _COUNTS + _SECONDS:
         value, flag = getattr(args, name, None), "--" + name.replace("_", "-")
-        if value is None or (value > 0 and math.isfinite(value)):
+        if not isinstance(value, (int, float)) or (value > 0 and math.isfinite(value)):
             continue
         kind = "number of seconds" if name in _SECONDS else "integer"
         raise UpdpError(f"{flag} must be a positive {kind}, got {value:g}; pass {flag} with a value above 0 "
@@ -197,6 +222,69 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return _emit(timer.measure(plan), args.format, model=args.model, pruned=list(plan))
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from updp.latency.base import MeasureConfig
+    from updp.pruner import create_model, default_input_size, find_blocks
+    from updp.search.remote import PLAN_SETS, SCRIPT, export_plans, needed_plans, plans_from_file
+
+    _check_positive(args)
+    for flag, value in (("--fit-plans", args.fit_plans), ("--held-out-plans", args.held_out_plans)):
+        if value < 0:
+            raise UpdpError(f"{flag} must be zero or more, got {value}")
+    base = create_model(args.model, args.num_classes).eval()
+    shape = tuple(default_input_size(base, args.img_size))
+    found = find_blocks(base, shape).blocks
+    unknown = [k for k in args.keep if k not in {b.name for b in found}]
+    if unknown:
+        raise UpdpError(f"--keep names unknown blocks: {', '.join(unknown)} (see 'updp blocks {args.model}')")
+    specs = [b for b in found if b.worthwhile and b.name not in args.keep]
+    if args.plans in PLAN_SETS:
+        entries = needed_plans(args.model, specs, args.plans, args.fit_plans, args.held_out_plans, args.seed)
+    else:
+        entries = plans_from_file(args.model, args.plans, [b.name for b in found if b.supported])
+    cfg = MeasureConfig(batch_size=args.batch_size, input_shape=shape, precision=args.precision)
+    command = " ".join(["updp latency export", *sys.argv[3:]]) if sys.argv[1:3] == ["latency", "export"] else ""
+    with tqdm(total=len(entries), desc="export", unit="plan", dynamic_ncols=True) as bar:
+        manifest = export_plans(base, entries, args.out, cfg, args.num_classes, command, bar.update)
+    roles = {}
+    for entry in manifest.plans:
+        roles[entry["role"]] = roles.get(entry["role"], 0) + 1
+    print(f"wrote {len(entries)} ONNX files ({', '.join(f'{n} {r}' for r, n in roles.items())}; input "
+          f"{args.batch_size}x{'x'.join(map(str, shape))}, {args.precision}) to {args.out}")
+    print(f"next: on the target, sh {Path(args.out) / SCRIPT}; then updp latency import {args.out}")
+    return 0
+
+
+def cmd_import_dir(args: argparse.Namespace) -> int:
+    from updp.search.remote import SCRIPT, import_outputs
+
+    used = [f"--{n.replace('_', '-')}" for n in ("model", "plan", "batch_size", "img_size", "precision")
+            if getattr(args, n) is not None]
+    if used:
+        raise UpdpError(f"{', '.join(used)}: a folder's manifest says the model, plans, shape and precision; "
+                        "these flags are for one FILE")
+    report = import_outputs(args.file, _cache(args), args.device)
+    for key, why in report.failed.items():
+        warn(f"plan {key}: not imported ({why})")
+    if report.ignored:
+        warn(f"{len(report.ignored)} file(s) in outputs/ belong to no plan of the manifest, ignored: "
+             f"{', '.join(report.ignored[:3])}{' ...' if len(report.ignored) > 3 else ''}")
+    total = len(report.stored) + len(report.failed) + len(report.missing)
+    devices = ", ".join(sorted(report.devices)) or "none"
+    if args.format == "json":
+        print(json.dumps({"model": report.model, "stored": len(report.stored), "plans": total, "devices":
+                          sorted(report.devices), "failed": report.failed,
+                          "missing": [p.key for p in report.missing]}, indent=2))
+    else:
+        print(f"imported {len(report.stored)} of {total} plans of {report.model} (device: {devices})"
+              + ("" if args.no_cache else f" into {_cache(args).path}"))
+        if report.missing:
+            print(f"{len(report.missing)} plans have no output yet: run sh {Path(args.file) / SCRIPT} on the target")
+    return 0 if report.stored and not report.failed else 1
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from updp.core.plan import PruningPlan
     from updp.latency.cache import CacheKey, LatencyCache
@@ -205,6 +293,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from updp.pruner.plan import parse_plan
 
     _check_positive(args)
+    if Path(args.file).is_dir():
+        return cmd_import_dir(args)
+    if not args.model:
+        raise UpdpError(f"'{args.file}' is one file: pass --model MODEL (the timm model its engine was built from)")
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("precision", args.precision)) if v is not None}
     if args.img_size is not None:
         overrides["input_shape"] = (3, args.img_size, args.img_size)

@@ -133,13 +133,19 @@ class LatencyCache:
 
     def find(self, **match: Any) -> LatencyResult | None:
         """The newest intact record whose key fields equal ``match`` (e.g. imported trtexec runs)."""
+        found = self.find_all(**match)
+        return found[-1][1] if found else None
+
+    def find_all(self, **match: Any) -> list[tuple[CacheKey, LatencyResult]]:
+        """Every intact record whose key fields equal ``match``, oldest first."""
         match = {k: list(v) if isinstance(v, tuple) else v for k, v in match.items()}
-        for entry in reversed(self.entries()):
+        out = []
+        for entry in self.entries():
             if all(entry["key"].get(k) == v for k, v in match.items()):
-                result = self.get(CacheKey(**{k: _tuple(v) for k, v in entry["key"].items()}))
-                if result is not None:
-                    return result
-        return None
+                key = CacheKey(**{k: _tuple(v) for k, v in entry["key"].items()})
+                if (result := self.get(key)) is not None:
+                    out.append((key, result))
+        return out
 
     def entries(self) -> list[dict[str, Any]]:
         with self._connect() as db:

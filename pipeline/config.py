@@ -14,6 +14,8 @@ from updp.train.runtime import RuntimeConfig, resolve
 
 SPACES = ("blocks", "stages")
 LATENCY_MODES = ("measure", "table", "hybrid")
+# trtexec: figures imported from a target that only runs trtexec ('updp latency export' / 'import')
+SEARCH_BACKENDS = (*NAMES, "trtexec")
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,8 @@ class SupernetConfig:
 
 @dataclass(frozen=True)
 class LatencyConfig:
-    backend: str = option("auto", "latency backend", "--backend", NAMES)
+    backend: str = option("auto", "latency backend; trtexec: only figures imported with 'updp latency import' "
+                          "(with --latency-mode table and --latency-device)", "--backend", SEARCH_BACKENDS)
     mode: str = option("hybrid", "measure every plan, predict from the per-block table, or predict and measure "
                        "plans joining the front (hybrid)", "--latency-mode", LATENCY_MODES)
     batch_size: int = option(1, "latency batch size")
@@ -57,6 +60,11 @@ class LatencyConfig:
     fit_plans: int = option(16, "random plans timed (with the table's single blocks) to fit the latency model "
                             "that predicts plans; 0: the additive table predicts", "--fit-plans", metavar="N")
     held_out_plans: int = option(8, "other random plans timed in that pass to report the model's error")
+    device: str | None = option(None, "trtexec backend: the device name of the imported figures to use",
+                                "--latency-device", metavar="NAME")
+    cache: str | None = option(None, "trtexec backend: the latency cache the figures were imported into "
+                               "(default: $UPDP_CACHE_DIR or ~/.cache/updp/latency.sqlite)", "--latency-cache",
+                               metavar="FILE")
 
 
 @dataclass(frozen=True)
@@ -141,7 +149,14 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"search.sampler: {e}") from None
     _choice("search.space", cfg.search.space, SPACES)
     _choice("latency.mode", cfg.latency.mode, LATENCY_MODES)
-    _choice("latency.backend", cfg.latency.backend, NAMES)
+    _choice("latency.backend", cfg.latency.backend, SEARCH_BACKENDS)
+    if cfg.latency.backend == "trtexec":
+        if cfg.latency.mode != "table":
+            raise ConfigError(f"--backend trtexec predicts every plan from imported figures and measures none: "
+                              f"use --latency-mode table (not {cfg.latency.mode})")
+        if not cfg.latency.device:
+            raise ConfigError("--backend trtexec needs --latency-device NAME: the GPU the imported trtexec figures "
+                              "were timed on (as 'updp latency import' printed it)")
     _choice("latency.precision", cfg.latency.precision, PRECISIONS)
     _choice("train.schedule", cfg.train.schedule, SCHEDULES)
     t, s = cfg.train, cfg.search

@@ -55,7 +55,8 @@ def finalize(baseline: nn.Module, student: nn.Module, plan: PruningPlan, splits:
                                                       {"input_size": list(shape)}))
     onnx = export_onnx(merged, (1, *shape), out_dir / "merged.onnx")
     onnx_diff = check_onnx(onnx, merged, val[0][0][:1])  # a real validation image
-    latency = _latency(baseline, merged, cfg, backend, latency_img_size)
+    latency = (_imported_latency(plan, cfg, latency_img_size) if backend == "trtexec"
+               else _latency(baseline, merged, cfg, backend, latency_img_size))
     x1 = torch.zeros(1, *shape)
     result = {
         "model": cfg.model, "pruned": plan.to_str(), "n_pruned": len(plan),
@@ -81,6 +82,25 @@ def _latency(baseline: nn.Module, merged: nn.Module, cfg: RunConfig, backend: st
             "latency_input": f"{lc.batch_size}x3x{size}x{size}", "latency_precision": lc.precision,
             "latency_baseline_ms": base.median_ms, "latency_merged_ms": mine.median_ms,
             "speedup": 1.0 / ratio(mine, base), "latency_runs": mine.count}
+
+
+def _imported_latency(plan: PruningPlan, cfg: RunConfig, size: int) -> dict:
+    """Baseline and final plan as trtexec timed them on the target (``--backend trtexec``): nothing is timed here."""
+    from updp.latency.cache import LatencyCache
+    from updp.search.remote import ImportedTimer
+
+    lc = cfg.latency
+    mc = MeasureConfig(batch_size=lc.batch_size, input_shape=(3, size, size), precision=lc.precision)
+    timer = ImportedTimer(cfg.model, mc, LatencyCache(lc.cache), lc.device)
+    base, mine = timer.lookup(PruningPlan(cfg.model)), timer.lookup(plan)
+    if base is None or mine is None:
+        return {"latency_error": f"no trtexec figure of the final plan on '{lc.device}' yet: time merged.onnx there "
+                                 f"(exported at batch 1; 'updp latency export {cfg.model} --plans FILE' writes one at "
+                                 f"{lc.batch_size}x3x{size}x{size}) and import it with 'updp latency import'"}
+    return {"latency_backend": "trtexec (imported)", "latency_device": lc.device,
+            "latency_input": f"{lc.batch_size}x3x{size}x{size}", "latency_precision": lc.precision,
+            "latency_baseline_ms": base.median_ms, "latency_merged_ms": mine.median_ms,
+            "speedup": base.median_ms / mine.median_ms, "latency_runs": mine.count}
 
 
 def _plan_text(result: dict) -> str:

@@ -62,7 +62,8 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: PruningPlan | None = No
     result = {}
     if inp.rt.is_main:  # one process merges, exports and times; the others wait for its final.json
         with rundir.stage(run_dir, "merge_verify_export_latency"):
-            backend = resolve_backend(cfg.latency.backend).name
+            backend = cfg.latency.backend
+            backend = backend if backend == "trtexec" else resolve_backend(backend).name
             result = finalize(baseline, student, plan, inp.splits, cfg, run_dir, backend, inp.num_classes,
                               inp.latency_img_size, inp.rt)
             append_final_section(run_dir, result)

@@ -6,6 +6,7 @@ verification, report. Every input is checked before any long work starts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from updp.core.fileio import write_json
 from updp.core.plan import PruningPlan
 from updp.latency.base import MeasureConfig
 from updp.latency.cache import LatencyCache
-from updp.latency.predictor import LatencyModel, evaluate, features_needed, fit, sized_plans
+from updp.latency.predictor import LatencyModel, evaluate, fit
 from updp.latency.table import LatencyTable, build_table, ratio
 from updp.pipeline.config import RunConfig
 from updp.pipeline.rundir import (
@@ -36,6 +37,7 @@ from updp.pipeline.rundir import (
     training_lock,
 )
 from updp.search import study as st
+from updp.search.remote import ImportedTimer, calibration_plans, needed_plans
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
 from updp.search.supernet import Supernet
@@ -45,19 +47,36 @@ from updp.train.loop import TrainConfig, Trainer
 from updp.train.runtime import barrier, broadcast_object
 
 
-def plan_timer(inp: Inputs) -> PlanTimer:
+def plan_timer(inp: Inputs) -> PlanTimer | ImportedTimer:
+    """The run's timer; with ``--backend trtexec``, the imported figures (all the predictor needs, else an error)."""
     lc = inp.cfg.latency
     mc = MeasureConfig(batch_size=lc.batch_size, precision=lc.precision, min_runs=lc.runs, threads=lc.threads)
-    cache = LatencyCache(inp.run_dir / "latency_cache.sqlite")
-    return PlanTimer(inp.cfg.model, lc.backend, mc, cache, inp.num_classes, inp.latency_img_size)
+    if lc.backend != "trtexec":
+        cache = LatencyCache(inp.run_dir / "latency_cache.sqlite")
+        return PlanTimer(inp.cfg.model, lc.backend, mc, cache, inp.num_classes, inp.latency_img_size)
+    mc = dataclasses.replace(mc, input_shape=(3, inp.latency_img_size, inp.latency_img_size))
+    timer = ImportedTimer(inp.cfg.model, mc, LatencyCache(lc.cache), lc.device)
+    s = inp.cfg.search
+    entries = needed_plans(inp.cfg.model, inp.space.candidates, "calibration", lc.fit_plans, lc.held_out_plans, s.seed)
+    timer.require(entries, export_command(inp))
+    return timer
+
+
+def export_command(inp: Inputs) -> str:
+    """The ``updp latency export`` that writes the ONNX of every plan this run's predictor needs."""
+    cfg, lc = inp.cfg, inp.cfg.latency
+    keep = "".join(f" --keep {k}" for k in cfg.search.keep)
+    return (f"updp latency export {cfg.model} --plans calibration --fit-plans {lc.fit_plans} --held-out-plans "
+            f"{lc.held_out_plans} --seed {cfg.search.seed} --img-size {inp.latency_img_size} --batch-size "
+            f"{lc.batch_size} --precision {lc.precision} --num-classes {inp.num_classes}{keep} --out DIR")
 
 
 def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:
     """The per-block latency table: timed once, by rank 0 under torchrun (the other ranks wait for it)."""
     path = inp.run_dir / "latency_table.json"
     if not path.is_file() and inp.rt.is_main:
-        print(f"updp: timing the baseline and {len(inp.space.names)} single-block plans ({timer.backend.name}, "
-              f"interleaved)...", flush=True)
+        print(f"updp: timing the baseline and {len(inp.space.names)} single-block plans ({timer.backend_name}"
+              f"{', interleaved' if timer.backend_name != 'trtexec' else ': imported figures'})...", flush=True)
         build_table(timer.measure_many, inp.cfg.model, inp.space.names).save(path)
     barrier(inp.rt)
     return LatencyTable.load(path)
@@ -75,14 +94,13 @@ def latency_model(inp: Inputs, timer: PlanTimer, table: LatencyTable) -> Latency
     if lc.mode == "measure":  # every plan is measured: nothing to predict but the budget (from the table)
         return None
     if lc.fit_plans and not path.is_file() and inp.rt.is_main:
-        blocks = [b for b in inp.space.names if b not in table.failed]
-        groups = block_groups([s for s in inp.space.candidates if s.name in blocks])
+        specs = [s for s in inp.space.candidates if s.name not in table.failed]
+        groups = block_groups(specs)
         singles, single_ratios = single_block_ratios(table)
-        n_fit = max(lc.fit_plans, features_needed(groups) - len(singles) + 2)
-        plans = sized_plans(model, blocks, n_fit + lc.held_out_plans, seed=inp.cfg.search.seed)
-        fit_plans, held = plans[:n_fit], plans[n_fit:]
+        fit_plans, held = calibration_plans(model, specs, lc.fit_plans, lc.held_out_plans, inp.cfg.search.seed)
+        n_fit = len(fit_plans)
         print(f"updp: timing {len(fit_plans)} random plans to fit the latency model and {len(held)} to check it "
-              f"({timer.backend.name}, interleaved)...", flush=True)
+              f"({timer.backend_name})...", flush=True)
         base, *results = timer.measure_many([PruningPlan(model), *fit_plans, *held])
         if not base.ok:
             raise UpdpError(f"the baseline latency of {model} could not be measured ({base.error})")
@@ -261,7 +279,7 @@ def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table
     return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "model": cfg.model,
             "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
-            "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend.name,
+            "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend_name,
             "device": timer.device, "precision": timer.cfg.precision, "batch_size": timer.cfg.batch_size,
             "latency_input": "x".join(map(str, timer.cfg.input_shape)),
             "versions": ", ".join(f"{k} {v}" for k, v in timer.versions)}

@@ -40,6 +40,10 @@ class PlanTimer:
         extra = {("updp", __version__), ("torch_export", _torch_version()), ("threads", str(self.cfg.threads))}
         self.versions = tuple(sorted({*versions, *extra}))
 
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
     def plan(self, pruned: Iterable[str] = ()) -> PruningPlan:
         """``pruned`` as a plan of this timer's model (a ``PruningPlan`` of another model is an error)."""
         if isinstance(pruned, PruningPlan):
