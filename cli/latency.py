@@ -32,6 +32,8 @@ def _add_measure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="time limit per measurement")
     p.add_argument("--device", choices=["cpu", "cuda"], help="device for onnxruntime/torch (default: CPU / torch's)")
     p.add_argument("--timing-cache", metavar="FILE", help="TensorRT timing cache reused across builds")
+    p.add_argument("--trt-opt-level", type=int, choices=range(6), metavar="0-5",
+                   help="TensorRT builder optimization level (default: TensorRT's, 3); recorded with each figure")
     p.add_argument("--compile", action="store_true", help="torch backend: time torch.compile(model)")
     p.add_argument("--isolate", action="store_true",
                    help="time ONNX backends in a child process killed at --timeout (hard limit)")
@@ -178,6 +180,8 @@ def _timer(args: argparse.Namespace):
         options["device"] = args.device
     if args.backend in ("tensorrt", "auto") and args.timing_cache:
         options["timing_cache"] = args.timing_cache
+    if args.backend in ("tensorrt", "auto") and args.trt_opt_level is not None:
+        options["optimization_level"] = args.trt_opt_level
     if args.backend == "torch" and args.compile:
         options["compile"] = True
     timer = PlanTimer(args.model, args.backend, cfg, _cache(args), args.num_classes, args.img_size,

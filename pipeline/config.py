@@ -8,6 +8,7 @@ from updp.core.errors import UpdpError
 from updp.latency.backends import NAMES
 from updp.latency.base import PRECISIONS
 from updp.pruner.schedule import SCHEDULES
+from updp.search.forms import MODES as FORM_MODES
 from updp.search.study import SAMPLERS, make_sampler
 from updp.train.progressive_training import FadeConfig
 from updp.train.runtime import RuntimeConfig, resolve
@@ -60,6 +61,9 @@ class LatencyConfig:
     fit_plans: int = option(16, "random plans timed (with the table's single blocks) to fit the latency model "
                             "that predicts plans; 0: the additive table predicts", "--fit-plans", metavar="N")
     held_out_plans: int = option(8, "other random plans timed in that pass to report the model's error")
+    merge_forms: str = option("auto", "auto: time each family's merged forms on the target (before the table), merge "
+                              "every block in its group's fastest form and leave out blocks no form speeds up; "
+                              "default: every family's default form, nothing timed", "--merge-forms", FORM_MODES)
     device: str | None = option(None, "trtexec backend: the device name of the imported figures to use",
                                 "--latency-device", metavar="NAME")
     cache: str | None = option(None, "trtexec backend: the latency cache the figures were imported into "
@@ -158,6 +162,7 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError("--backend trtexec needs --latency-device NAME: the GPU the imported trtexec figures "
                               "were timed on (as 'updp latency import' printed it)")
     _choice("latency.precision", cfg.latency.precision, PRECISIONS)
+    _choice("latency.merge_forms", cfg.latency.merge_forms, FORM_MODES)
     _choice("train.schedule", cfg.train.schedule, SCHEDULES)
     t, s = cfg.train, cfg.search
     _check(0 < t.lambda_end_frac <= 1, "train.lambda_end_frac", t.lambda_end_frac, "in (0, 1]")

@@ -37,8 +37,12 @@ def _top1(model: nn.Module, batches, rt: Runtime) -> float:
 
 
 def finalize(baseline: nn.Module, student: nn.Module, plan: PruningPlan, splits: Splits, cfg: RunConfig,
-             out_dir: Path, backend: str, num_classes: int, latency_img_size: int, rt: Runtime = CPU) -> dict:
+             out_dir: Path, backend: str, num_classes: int, latency_img_size: int, rt: Runtime = CPU,
+             forms: dict[str, str] | None = None) -> dict:
     """BN re-estimation, merge, verification on real images, export, latency, final.json.
+
+    ``forms`` is the merge planner's choice (block -> merged form); blocks it does not name take their
+    family's default form. The forms of the plan's blocks are recorded in final.json and merged.pt.
 
     BN statistics are re-estimated on the training device; the merge, its check and the export
     run in fp32 on the CPU, whatever the training ran on.
@@ -46,20 +50,21 @@ def finalize(baseline: nn.Module, student: nn.Module, plan: PruningPlan, splits:
     recalibrate_bn(rt.prepare(student), fixed_batches(splits.train_eval, 1024, cfg.search.seed), rt)
     student = student.cpu().float().eval()
     baseline = baseline.cpu().float().eval()
-    merged = merge_model(student)
+    forms = {b: f for b, f in (forms or {}).items() if b in plan}
+    merged = merge_model(student, forms=forms)
     val = fixed_batches(splits.val, len(splits.val))
     diff = _max_logit_diff(merged, student, val)
     shape = (3, cfg.data.img_size, cfg.data.img_size)
     save_checkpoint(out_dir / "pruned.pt", Checkpoint(student, plan, num_classes, "pruned"))
     save_checkpoint(out_dir / "merged.pt", Checkpoint(merged, plan, num_classes, "merged",
-                                                      {"input_size": list(shape)}))
+                                                      {"input_size": list(shape), "merge_forms": forms}))
     onnx = export_onnx(merged, (1, *shape), out_dir / "merged.onnx")
     onnx_diff = check_onnx(onnx, merged, val[0][0][:1])  # a real validation image
     latency = (_imported_latency(plan, cfg, latency_img_size) if backend == "trtexec"
                else _latency(baseline, merged, cfg, backend, latency_img_size))
     x1 = torch.zeros(1, *shape)
     result = {
-        "model": cfg.model, "pruned": plan.to_str(), "n_pruned": len(plan),
+        "model": cfg.model, "pruned": plan.to_str(), "n_pruned": len(plan), "merge_forms": forms,
         "baseline_top1": _top1(baseline, val, rt), "subnet_top1": _top1(student, val, rt),
         "merged_top1": _top1(merged, val, rt), "val_images": len(splits.val),
         "max_abs_logit_diff_merged_vs_subnet": diff, "onnx_max_abs_diff": onnx_diff,
@@ -122,6 +127,8 @@ def final_section(result: dict) -> str:
     return "\n".join([
         "", "## Final model (progressive training, merged)", "",
         f"Pruned blocks ({result['n_pruned']}): {_plan_text(result)}", "",
+        *([f"Merged forms (timed on the target): {', '.join(f'{b} {f}' for b, f in result['merge_forms'].items())}",
+           ""] if result.get("merge_forms") else []),
         "| | baseline | pruned + merged |", "|---|---|---|",
         f"| top-1 on val ({result['val_images']} images) | {result['baseline_top1']:.2f} % | "
         f"{result['merged_top1']:.2f} % |",

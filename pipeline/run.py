@@ -13,6 +13,7 @@ from updp.pipeline.config import RunConfig
 from updp.pipeline.final import append_final_section, finalize
 from updp.pipeline.search import run_search
 from updp.pruner import PruningPlan
+from updp.search.forms import FormPlan
 from updp.search.report import pareto_front
 from updp.train.progressive_training import train_plan
 from updp.train.runtime import broadcast_object
@@ -64,8 +65,10 @@ def train_and_merge(cfg: RunConfig, run_dir: Path, plan: PruningPlan | None = No
         with rundir.stage(run_dir, "merge_verify_export_latency"):
             backend = cfg.latency.backend
             backend = backend if backend == "trtexec" else resolve_backend(backend).name
+            forms_file = run_dir / "merge_forms.json"
+            forms = FormPlan.load(forms_file).forms if forms_file.is_file() else None
             result = finalize(baseline, student, plan, inp.splits, cfg, run_dir, backend, inp.num_classes,
-                              inp.latency_img_size, inp.rt)
+                              inp.latency_img_size, inp.rt, forms)
             append_final_section(run_dir, result)
     return broadcast_object(inp.rt, result)
 

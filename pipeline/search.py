@@ -37,9 +37,11 @@ from updp.pipeline.rundir import (
     training_lock,
 )
 from updp.search import study as st
+from updp.search.forms import FormPlan, plan_forms
 from updp.search.remote import ImportedTimer, calibration_plans, needed_plans
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
+from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
 from updp.search.timing import PlanTimer, block_groups, single_block_ratios
 from updp.train.data import fixed_batches
@@ -69,6 +71,36 @@ def export_command(inp: Inputs) -> str:
     return (f"updp latency export {cfg.model} --plans calibration --fit-plans {lc.fit_plans} --held-out-plans "
             f"{lc.held_out_plans} --seed {cfg.search.seed} --img-size {inp.latency_img_size} --batch-size "
             f"{lc.batch_size} --precision {lc.precision} --num-classes {inp.num_classes}{keep} --out DIR")
+
+
+def merge_forms(inp: Inputs, timer: PlanTimer | ImportedTimer) -> tuple[Inputs, FormPlan | None]:
+    """The merge planner's choice (``merge_forms.json``, rank 0 times it once); the space without the blocks no
+    form speeds up on the target. None with ``--merge-forms default`` and for imported trtexec figures.
+
+    Raises:
+        UpdpError: no block of the space is faster merged, in any form, on the target.
+    """
+    if inp.cfg.latency.merge_forms == "default" or isinstance(timer, ImportedTimer):
+        return inp, None
+    path = inp.run_dir / "merge_forms.json"
+    if not path.is_file() and (inp.run_dir / "latency_table.json").is_file():
+        return inp, None  # a run begun before the planner: its table was timed with the default forms
+    if not path.is_file() and inp.rt.is_main:
+        print(f"updp: timing each merged form of {len(set(block_groups(inp.space.candidates).values()))} groups of "
+              f"identical blocks ({timer.backend_name}, interleaved)...", flush=True)
+        plan_forms(timer, inp.space.candidates).save(path)
+    barrier(inp.rt)
+    forms = FormPlan.load(path)
+    timer.forms = forms.forms
+    dropped = set(forms.dropped)
+    if not dropped:
+        return inp, forms
+    kept = [s for s in inp.space.candidates if s.name not in dropped]
+    if not kept:
+        raise UpdpError(f"no block of {inp.cfg.model} is faster merged, in any form, on this target "
+                        f"({timer.backend_name}, {timer.device}): see {path}")
+    warn(f"not worth pruning on this target (no merged form is faster): {', '.join(sorted(dropped))}")
+    return dataclasses.replace(inp, space=SearchSpace(inp.space.model, tuple(kept), inp.space.max_per_stage)), forms
 
 
 def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:
@@ -229,6 +261,7 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
         timer = plan_timer(inp)
     with training_lock(run_dir):
         with stage(run_dir, "latency_table"):
+            inp, forms = merge_forms(inp, timer)
             table = latency_table(inp, timer)
             if cfg.search.latency_budget_ms or cfg.search.target_speedup:
                 budget(inp, table)  # an impossible budget is an error before the model's timing pass too
@@ -268,15 +301,17 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
               f"pruned ({counts['duplicates_skipped']} repeated plans not scored again)", flush=True)
     barrier(inp.rt)  # under torchrun every rank is a worker of the study: rank 0 reports once all are done
     with stage(run_dir, "report"):
-        context = run_context(cfg, timer, budget_ms, table, inp, fitted)
+        context = run_context(cfg, timer, budget_ms, table, inp, fitted, forms)
         summary = report(run_dir, study, context) if inp.rt.is_main else {}
     return broadcast_object(inp.rt, summary)
 
 
 def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None,
-                inp: Inputs | None = None, model: LatencyModel | None = None) -> dict:
+                inp: Inputs | None = None, model: LatencyModel | None = None, forms: FormPlan | None = None) -> dict:
     training = {"training": inp.rt.describe()} if inp else {}
-    return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "model": cfg.model,
+    merge = forms.summary() if forms else "each family's default form (not timed on the target)"
+    return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "merge_forms": merge,
+            "model": cfg.model,
             "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
             "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend_name,

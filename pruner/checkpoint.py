@@ -9,7 +9,9 @@ A checkpoint is a dict saved with ``torch.save`` (loadable with
 
 ``load_checkpoint`` rebuilds the timm model, applies the plan (pruned form)
 and merges it (merged form) before loading the weights, so a merged checkpoint
-loads back into a model built from its plan.
+loads back into a model built from its plan. A merged checkpoint whose blocks
+took other merged forms than their family's default names them in
+``meta["merge_forms"]`` (block -> form).
 """
 from __future__ import annotations
 
@@ -95,7 +97,10 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if data["form"] != "original":
         apply_plan(model, plan, lam=0.0)
     if data["form"] == "merged":
-        model = merge_model(model)
+        forms = data.get("meta", {}).get("merge_forms") or {}
+        if not isinstance(forms, dict) or not all(isinstance(v, str) for v in forms.values()):
+            raise CheckpointError(f"checkpoint '{path}' is damaged: 'merge_forms' is not a map of block to form")
+        model = merge_model(model, forms=forms)
     else:
         set_lambda(model, {n: lambdas.get(n, 0.0) for n in plan})
     load_state(model, data["state_dict"], str(path))

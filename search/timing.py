@@ -36,6 +36,7 @@ class PlanTimer:
         self.cache = cache
         self.isolate = isolate and self.backend.needs_onnx
         self.backend_options = backend_options
+        self.forms: dict[str, str] = {}  # block -> merged form (the merge planner's choice); default otherwise
         self.device, versions = self.backend.identity()
         extra = {("updp", __version__), ("torch_export", _torch_version()), ("threads", str(self.cfg.threads))}
         self.versions = tuple(sorted({*versions, *extra}))
@@ -54,8 +55,14 @@ class PlanTimer:
 
     def key(self, pruned: Iterable[str]) -> CacheKey:
         plan = self.plan(pruned)
+        forms = tuple(sorted((b, f) for b, f in self.forms.items() if b in plan))
+        versions = self.versions + ((("merge_forms", repr(forms)),) if forms else ())
         return CacheKey(plan.key, self.model_name, tuple(self.cfg.input_shape), self.cfg.batch_size,
-                        self.cfg.precision, self.backend.name, self.device, self.versions)
+                        self.cfg.precision, self.backend.name, self.device, versions)
+
+    def merged(self, plan: PruningPlan):
+        """The model with ``plan`` merged, each block in its form (``forms``)."""
+        return merge_model(self.base, plan, self.forms) if plan else self.base
 
     def measure(self, pruned: Iterable[str] = ()) -> LatencyResult:
         """One plan timed alone, through the cache (a hit is returned as it was stored)."""
@@ -63,7 +70,7 @@ class PlanTimer:
         key = self.key(pruned)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
-        model = merge_model(self.base, pruned) if pruned else self.base
+        model = self.merged(pruned)
         result = self._isolated(model) if self.isolate else self.backend.measure(model, self.cfg)
         if self.cache is not None:
             self.cache.put(key, result)
@@ -75,9 +82,11 @@ class PlanTimer:
         Not cached: the figures are ratios valid within this one pass. What the
         passes produce persists elsewhere (``latency_table.json``, trial attributes, ``final.json``).
         """
-        plans = [self.plan(p) for p in plans]
-        models = [merge_model(self.base, p) if p else self.base for p in plans]
-        return measure_interleaved(self.backend.name, models, self.cfg, rounds, **self.backend_options)
+        return self.measure_models([self.merged(self.plan(p)) for p in plans], rounds)
+
+    def measure_models(self, models: Sequence, rounds: int = 20) -> list[LatencyResult]:
+        """Modules of this model timed in one interleaved pass (not cached: ratios valid within the pass)."""
+        return measure_interleaved(type(self.backend), list(models), self.cfg, rounds, **self.backend_options)
 
     def _isolated(self, model) -> LatencyResult:
         """Export here, time in a child process that is killed at the time limit."""

@@ -66,6 +66,34 @@ def test_merge_exact_float64(model_name, size, shape, plan):
     assert (want - subnet.float()(x.float()).double()).abs().max() > 0  # the check can see fp32 noise
 
 
+FORM_CASES = [("test_convnext", "adjacent"), ("convnext_atto", "all"), ("mobilenetv2_050", "stride2_first"),
+              ("mobilenetv2_050", "all"), ("resnet18", "stride2_first"), ("resnet18", "all")]
+
+
+@pytest.mark.parametrize("model_name,shape", FORM_CASES, ids=[f"{m}-{s}" for m, s in FORM_CASES])
+def test_every_merged_form_is_exact_float64(model_name, shape):
+    """Each form of each family (dense kxk, DW + 1x1, the folded linear chain) computes the same function."""
+    from updp.pruner.plan import progressive_blocks
+    from updp.pruner.registry import family_for
+
+    torch.manual_seed(0)
+    size, plans = CASES[model_name]
+    subnet = _subnet(create_model(model_name), size, plans[shape], torch.float64)
+    x = _inputs(size, torch.float64)
+    blocks = progressive_blocks(subnet)
+    families = {name: family_for(p.block) for name, p in blocks.items()}
+    with torch.no_grad():
+        want = subnet(x)
+        for form in sorted({f for fam in families.values() for f in fam.forms}):
+            forms = {n: form for n, fam in families.items() if form in fam.forms}
+            merged = merge_model(subnet, forms=forms)
+            assert_close(merged(x), want, atol=1e-8, rtol=0, msg=f"form {form}")
+            kinds = {type(m).__name__ for n, m in merged.named_modules() if n in forms}
+            assert len(kinds) == 1, kinds  # every block of the family took the form asked for
+    with pytest.raises(Exception, match="no merged form 'nope'"):
+        merge_model(subnet, forms={next(iter(blocks)): "nope"})
+
+
 @pytest.mark.parametrize("model_name", ["test_convnext", "mobilenetv2_050", "resnet18", "test_vit2"])
 def test_merge_float32_user_tolerance(model_name):
     size = CASES[model_name][0]
@@ -84,6 +112,8 @@ def test_bottleneck_merges_exactly_though_costlier(float64):
     x = _inputs(33, torch.float64)
     with torch.no_grad():
         assert_close(merge_model(subnet)(x), subnet(x), atol=1e-8, rtol=0)
+        chain = {n: "chain" for n in plan}  # 1x1, 3x3, 1x1 kept, the downsample added apart
+        assert_close(merge_model(subnet, forms=chain)(x), subnet(x), atol=1e-8, rtol=0)
     fresh = ResNet(block=Bottleneck, layers=[1, 1, 1, 1], num_classes=10)
     specs = {b.name: b for b in find_blocks(fresh, (3, 33, 33)).blocks}
     assert not specs["layer2.0"].worthwhile and specs["layer2.0"].merged_macs > specs["layer2.0"].macs

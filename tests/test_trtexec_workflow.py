@@ -229,3 +229,13 @@ def test_final_latency_of_a_trtexec_run_is_the_imported_figure_or_says_how_to_ge
     assert got["speedup"] == pytest.approx(2.0, rel=1e-5) and got["latency_device"] == DEVICE
     other = _imported_latency(PruningPlan(MODEL, {"stages.1.blocks.0"}), cfg, 32)
     assert "no trtexec figure of the final plan" in other["latency_error"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--latency-device", DEVICE, "--latency-mode", "hybrid"], "use --latency-mode table (not hybrid)"),
+    (["--latency-mode", "table"], "--backend trtexec needs --latency-device NAME"),
+])
+def test_a_trtexec_search_needs_table_mode_and_a_device(capsys, tmp_path, extra, message):
+    code, _, err = run(capsys, "search", "--config", TINY, "--data", DATA, "--run", tmp_path / "r", "--backend",
+                       "trtexec", "--latency-cache", tmp_path / "c.sqlite", *extra)
+    assert code == 2 and message in err and not (tmp_path / "r").exists()

@@ -5,6 +5,7 @@ import abc
 
 from torch import nn
 
+from updp.core.errors import UpdpError
 from updp.pruner.norms import unfoldable_reason
 from updp.pruner.progressive import ProgressiveBlock
 
@@ -15,10 +16,26 @@ class BlockFamily(abc.ABC):
     ``check`` says why an instance cannot be pruned exactly (or None);
     ``progressive`` wraps a block into its progressive form, sharing its
     weights; ``merge`` folds a progressive block at lambda 0 into the smaller
-    module that computes the same function in eval mode.
+    module that computes the same function in eval mode. A family with more
+    than one exact merged form lists them in ``forms`` (the first is the
+    default); which one is fastest depends on the target, so the merge
+    planner (``updp.search.forms``) times them there.
     """
 
     name: str = ""
+    forms: tuple[str, ...] = ("merged",)
+
+    def form(self, form: str | None) -> str:
+        """``form``, or the default one when None.
+
+        Raises:
+            UpdpError: the family has no such form.
+        """
+        if form is None:
+            return self.forms[0]
+        if form not in self.forms:
+            raise UpdpError(f"{self.name} blocks have no merged form '{form}'; they have {', '.join(self.forms)}")
+        return form
 
     @abc.abstractmethod
     def check(self, block: nn.Module) -> str | None:
@@ -33,8 +50,9 @@ class BlockFamily(abc.ABC):
         """The block's progressive form (lambda 1 = the block itself)."""
 
     @abc.abstractmethod
-    def merge(self, pblock: ProgressiveBlock) -> nn.Module:
-        """The merged module equal to ``pblock`` at lambda 0 in eval mode."""
+    def merge(self, pblock: ProgressiveBlock, form: str | None = None) -> nn.Module:
+        """The merged module (of ``form``, default the first of ``forms``) equal to ``pblock`` at lambda 0 in eval
+        mode."""
 
 
 def is_identity(module: nn.Module | None) -> bool:

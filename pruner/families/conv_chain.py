@@ -106,8 +106,44 @@ class MergedConvAct(nn.Module):
         return self.act(self.conv(x))
 
 
+class MergedChain(nn.Module):
+    """The chain kept as convs with their BNs folded and no activation between them (the "chain" form).
+
+    The first conv pads by the whole chain's ``P`` and the others not at all, exactly as the pruned
+    form computes; the skip (``x * skip_scale``, or a folded 1x1 downsample of ``x``) is added before
+    the block-end activation.
+    """
+
+    def __init__(self, convs: list[nn.Conv2d], act: nn.Module, skip_scale: torch.Tensor | None = None,
+                 skip_conv: nn.Conv2d | None = None):
+        super().__init__()
+        self.convs = nn.Sequential(*convs)
+        self.skip_conv = skip_conv
+        if skip_scale is not None:
+            self.skip_scale = nn.Parameter(skip_scale.reshape(1, -1, 1, 1).clone())
+        else:
+            self.skip_scale = None
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.convs(x)
+        if self.skip_conv is not None:
+            h = h + self.skip_conv(x)
+        elif self.skip_scale is not None:
+            h = h + x * self.skip_scale
+        return self.act(h)
+
+
 class ConvChainFamily(BlockFamily):
-    """Base adapter: subclasses say which layers form the chain."""
+    """Base adapter: subclasses say which layers form the chain.
+
+    Two merged forms: ``dense`` composes the chain, skip and BNs into one conv (fewest MACs where the
+    chain is thin, e.g. an inverted residual's); ``chain`` keeps the folded convs one after another
+    without activations (fewer MACs where the dense kernel grows, and no dense kxk on targets that run
+    depthwise convs fast).
+    """
+
+    forms = ("dense", "chain")
 
     @abc.abstractmethod
     def chain(self, block: nn.Module) -> Chain:
@@ -137,7 +173,9 @@ class ConvChainFamily(BlockFamily):
     def progressive(self, block: nn.Module) -> ConvChainBlock:
         return ConvChainBlock(block, self, self.chain(block), self.end_activation(block))
 
-    def merge(self, pblock: ConvChainBlock) -> MergedConvAct:
+    def merge(self, pblock: ConvChainBlock, form: str | None = None) -> MergedConvAct | MergedChain:
+        if self.form(form) == "chain":
+            return self._merge_chain(pblock)
         block, chain = pblock.block, pblock.chain
         convs = [reparam.fold_conv_bn(_get(block, c), _get(block, b)) for c, b, _ in chain.layers]
         merged = functools.reduce(reparam.compose_convs, convs)
@@ -154,6 +192,31 @@ class ConvChainFamily(BlockFamily):
             merged = reparam.scale_conv(merged, *reparam.bn_scale_shift(pblock.end.bn))
             act = copy.deepcopy(pblock.end.act)
         return MergedConvAct(reparam.to_conv2d(merged, pblock.pad), act)
+
+    def _merge_chain(self, pblock: ConvChainBlock) -> MergedChain:
+        block, chain = pblock.block, pblock.chain
+        layers = [(_get(block, c), _get(block, b)) for c, b, _ in chain.layers]
+        convs = [reparam.fold_conv_bn(conv, bn, expand_groups=False) for conv, bn in layers]
+        skip = None
+        if chain.skip not in (None, "identity"):
+            ds_conv, ds_bn = _get(block, chain.skip)
+            skip = reparam.fold_conv_bn(ds_conv, ds_bn)
+        scale = None
+        if chain.end_act:
+            act = copy.deepcopy(_get(block, chain.end_act))
+        else:
+            scale, shift = reparam.bn_scale_shift(pblock.end.bn)
+            convs[-1] = reparam.scale_conv(convs[-1], scale, shift)
+            if skip is not None:
+                skip = reparam.scale_conv(skip, scale, torch.zeros_like(shift))
+            act = copy.deepcopy(pblock.end.act)
+        layers_out = [reparam.to_conv2d(c, pblock.pad if i == 0 else 0, groups=conv.groups)
+                      for i, (c, (conv, _)) in enumerate(zip(convs, layers))]
+        if chain.skip == "identity":
+            skip_scale = scale if scale is not None else torch.ones(layers_out[-1].out_channels,
+                                                                     dtype=convs[-1].weight.dtype)
+            return MergedChain(layers_out, act, skip_scale=skip_scale)
+        return MergedChain(layers_out, act, skip_conv=None if skip is None else reparam.to_conv2d(skip, 0))
 
 
 def _stride(conv: nn.Module) -> int:

@@ -3,8 +3,10 @@
 Pruned: DW 7x7, BN (for the LN), PW C->4C, identity act, PW 4C->C, gamma,
 +x, then BN + GELU. Merged (form B of method.md): the DW with its BN folded,
 one 1x1 conv C->C (gamma.W2.W1) and the skip; the block-end BN folds into the
-1x1 conv and a per-channel scale on the skip. The dense 7x7 form (A) costs
-49 C^2 MACs per pixel against 49 C + C^2 for form B, so B is always used.
+1x1 conv and a per-channel scale on the skip. The dense 7x7 form (A, ``dense``)
+costs 49 C^2 MACs per pixel against 49 C + C^2 for form B (``dw_pw``), so B is
+the default; on a GPU one dense conv can still beat two kernels, which the
+merge planner measures.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from torch import nn
 
 from updp.pruner import reparam
 from updp.pruner.families.base import BlockFamily, is_identity, static_padding
+from updp.pruner.families.conv_chain import MergedConvAct
 from updp.pruner.progressive import BlockEnd, ProgressiveBlock, act_mix, non_inplace, norm_mix
 from updp.pruner.registry import register_family
 
@@ -77,6 +80,7 @@ class MergedConvNeXt(nn.Module):
 @register_family(ConvNeXtBlock)
 class ConvNeXtFamily(BlockFamily):
     name = "convnext"
+    forms = ("dw_pw", "dense")
 
     def check(self, block: nn.Module) -> str | None:
         if not is_identity(block.shortcut):
@@ -91,14 +95,20 @@ class ConvNeXtFamily(BlockFamily):
     def progressive(self, block: nn.Module) -> ConvNeXtProgressive:
         return ConvNeXtProgressive(block, self)
 
-    def merge(self, pblock: ConvNeXtProgressive) -> MergedConvNeXt:
+    def merge(self, pblock: ConvNeXtProgressive, form: str | None = None) -> MergedConvNeXt | MergedConvAct:
+        form = self.form(form)
         b = pblock.block
-        dw = reparam.fold_conv_bn(b.conv_dw, pblock.bn, expand_groups=False)
-        dw_layer = reparam.to_conv2d(dw, b.conv_dw.padding[0], groups=b.conv_dw.groups)
+        pad = b.conv_dw.padding[0]
+        dw = reparam.fold_conv_bn(b.conv_dw, pblock.bn, expand_groups=form == "dense")
         w1, b1, w2, b2 = _mlp_weights(b.mlp)
         gamma = b.gamma.detach() if b.gamma is not None else torch.ones_like(b2)
         w, bias = gamma[:, None] * (w2 @ w1), gamma * (w2 @ b1 + b2)
         scale, shift = reparam.bn_scale_shift(pblock.end.bn)
         pw = reparam.Conv((scale[:, None] * w)[:, :, None, None], scale * bias + shift, 1)
-        return MergedConvNeXt(dw_layer, reparam.to_conv2d(pw, 0), scale, copy.deepcopy(pblock.end.act))
+        act = copy.deepcopy(pblock.end.act)
+        if form == "dense":  # pw after dw is one dense kxk conv; the scaled skip sits at the kernel centre
+            dense = reparam.add_at_offset(reparam.compose_convs(dw, pw), torch.diag(scale), None, pad)
+            return MergedConvAct(reparam.to_conv2d(dense, pad), act)
+        dw_layer = reparam.to_conv2d(dw, pad, groups=b.conv_dw.groups)
+        return MergedConvNeXt(dw_layer, reparam.to_conv2d(pw, 0), scale, act)
 

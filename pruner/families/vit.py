@@ -102,7 +102,8 @@ class ViTFamily(BlockFamily):
     def progressive(self, block: nn.Module) -> ViTProgressive:
         return ViTProgressive(block, self)
 
-    def merge(self, pblock: ViTProgressive) -> MergedViTBlock:
+    def merge(self, pblock: ViTProgressive, form: str | None = None) -> MergedViTBlock:
+        self.form(form)
         _check_token_norms(pblock)
         b = pblock.block
         attn = copy.deepcopy(b.attn)
