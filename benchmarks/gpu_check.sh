@@ -26,3 +26,12 @@ cp "$OUT/demo_cuda/timings.json" "$OUT/demo_cuda_timings.json"
 rm -rf "$OUT/tiny_torchrun"
 torchrun --standalone --nproc_per_node "$(nvidia-smi -L | wc -l)" -m updp run --config configs/tiny.yaml \
     --run-dir "$OUT/tiny_torchrun" --device cuda 2>&1 | grep -v "%|" | tee "$OUT/tiny_torchrun.log"
+
+# Latency fidelity on the GPU: TensorRT engine checks (when tensorrt + pycuda are installed), the torch CUDA
+# backend's table vs fitted model, and the merge planner's forms on CUDA (torch eager)
+python -m pytest -q -m tensorrt tests/test_tensorrt_checks.py tests/test_latency_backends.py 2>&1 \
+    | tee "$OUT/tensorrt_tests.log" || true
+(cd benchmarks && python latency_predictor.py --models convnext_tiny mobilenetv2_100 --backend torch --device cuda \
+    --name latency_predictor_cuda) 2>&1 | grep -v "%|" | tee "$OUT/latency_predictor_cuda.log" || true
+(cd benchmarks && python merge_forms.py --targets torch --device cuda --name merge_forms_cuda) 2>&1 \
+    | grep -v "%|" | tee "$OUT/merge_forms_cuda.log" || true

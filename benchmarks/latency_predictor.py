@@ -41,15 +41,20 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["convnext_tiny", "mobilenetv2_100", "deit_tiny_patch16_224"])
     ap.add_argument("--fit", type=int, default=20, help="random plans measured for the fit (besides single blocks)")
     ap.add_argument("--held-out", type=int, default=20)
+    ap.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch or tensorrt")
+    ap.add_argument("--device", help="cuda: the onnxruntime/torch backend on the GPU")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--name", default="latency_predictor", help="results/NAME.{csv,md}")
     args = ap.parse_args()
-    cfg = MeasureConfig(min_runs=100, threads=2)
+    cfg = MeasureConfig(min_runs=100, threads=2, batch_size=args.batch_size)
+    options = {"device": args.device} if args.device else {}
     rows, details = [], []
     for model in args.models:
         base = create_model(model)
         specs = find_blocks(base, default_input_size(base)).worthwhile
         blocks = [s.name for s in specs]
         groups = block_groups(specs)
-        timer = PlanTimer(model, "onnxruntime", cfg, cache=None)
+        timer = PlanTimer(model, args.backend, cfg, cache=None, **options)
         singles = [PruningPlan(model, {b}) for b in blocks]
         fit_plans = sized_plans(model, blocks, args.fit, seed=1)
         held = [p for p in sized_plans(model, blocks, args.held_out + len(fit_plans), seed=2)
@@ -77,17 +82,19 @@ def main() -> None:
                      "table_ratio": table.predicted_ratio(p), "fitted_ratio": fitted.predicted_ratio(p)}
                     for p, r in zip(held, held_ratios)]
         print(rows[-2], rows[-1], sep="\n", flush=True)
-    pd.DataFrame(details).to_csv(RESULTS / "latency_predictor_plans.csv", index=False)
-    write_results("latency_predictor", pd.DataFrame(rows),
+    pd.DataFrame(details).to_csv(RESULTS / f"{args.name}_plans.csv", index=False)
+    where = f"{args.backend} on {args.device or 'the CPU'}, batch {args.batch_size}"
+    write_results(args.name, pd.DataFrame(rows),
                   "Latency predictors on held-out measured plans: additive table vs fitted model",
-                  "ONNX Runtime CPU, batch 1, 3x224x224, fp32, 2 threads; every figure a ratio to the baseline timed "
+                  f"{where}, 3x224x224, fp32, 2 threads; every figure a ratio to the baseline timed "
                   "in the same interleaved pass (20 rounds x 5 runs per variant). Fit pass: baseline, every "
                   f"worthwhile block alone, {args.fit} random plans of evenly spread sizes (seed 1); the table uses "
                   "the single blocks only. Held-out pass (separate, later): baseline and "
                   f"{args.held_out} other random plans of 2+ blocks (seed 2). APE = |predicted - measured| / measured "
                   "ratio on the held-out plans only. fit_pass_s: seconds of the fit pass (export + timing). Per-plan "
-                  "rows: latency_predictor_plans.csv.\n\nCommand: python benchmarks/latency_predictor.py "
-                  f"--models {' '.join(args.models)} --fit {args.fit} --held-out {args.held_out}")
+                  "rows: {args.name}_plans.csv.\n\nCommand: python benchmarks/latency_predictor.py "
+                  f"--models {' '.join(args.models)} --fit {args.fit} --held-out {args.held_out} --backend "
+                  f"{args.backend} --batch-size {args.batch_size}{' --device ' + args.device if args.device else ''}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
     blocks = find_blocks(model, (3, cfg.data.img_size, cfg.data.img_size)).blocks
     if not blocks:
         raise UpdpError(f"{cfg.model} has no prunable block (see 'updp blocks {cfg.model}')")
-    space = SearchSpace.build(cfg.model, blocks, cfg.search.keep, cfg.search.max_per_stage)
+    # with the merge planner every supported block is a candidate until its forms are timed on the target
+    timed = cfg.latency.merge_forms == "auto" and cfg.latency.backend != "trtexec"
+    space = SearchSpace.build(cfg.model, blocks, cfg.search.keep, cfg.search.max_per_stage, cheaper_only=not timed)
     url = st.storage_url(cfg.search.storage)
     if url and ":***@" in url:
         raise ConfigError("the run's storage URL was saved without its password; pass --storage URL again, or "

@@ -41,7 +41,6 @@ from updp.search.forms import FormPlan, plan_forms
 from updp.search.remote import ImportedTimer, calibration_plans, needed_plans
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
-from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
 from updp.search.timing import PlanTimer, block_groups, single_block_ratios
 from updp.train.data import fixed_batches
@@ -84,7 +83,9 @@ def merge_forms(inp: Inputs, timer: PlanTimer | ImportedTimer) -> tuple[Inputs, 
         return inp, None
     path = inp.run_dir / "merge_forms.json"
     if not path.is_file() and (inp.run_dir / "latency_table.json").is_file():
-        return inp, None  # a run begun before the planner: its table was timed with the default forms
+        # a run begun before the planner: its table timed the MAC-worthwhile blocks in the default forms
+        return dataclasses.replace(inp, space=inp.space.without(s.name for s in inp.space.candidates
+                                                                 if not s.worthwhile)), None
     if not path.is_file() and inp.rt.is_main:
         print(f"updp: timing each merged form of {len(set(block_groups(inp.space.candidates).values()))} groups of "
               f"identical blocks ({timer.backend_name}, interleaved)...", flush=True)
@@ -92,15 +93,14 @@ def merge_forms(inp: Inputs, timer: PlanTimer | ImportedTimer) -> tuple[Inputs, 
     barrier(inp.rt)
     forms = FormPlan.load(path)
     timer.forms = forms.forms
-    dropped = set(forms.dropped)
+    dropped = set(forms.dropped) | {s.name for s in inp.space.candidates if s.name not in forms.forms}
     if not dropped:
         return inp, forms
-    kept = [s for s in inp.space.candidates if s.name not in dropped]
-    if not kept:
+    if not forms.forms:
         raise UpdpError(f"no block of {inp.cfg.model} is faster merged, in any form, on this target "
                         f"({timer.backend_name}, {timer.device}): see {path}")
-    warn(f"not worth pruning on this target (no merged form is faster): {', '.join(sorted(dropped))}")
-    return dataclasses.replace(inp, space=SearchSpace(inp.space.model, tuple(kept), inp.space.max_per_stage)), forms
+    warn(f"not worth pruning on this target (no merged form is faster): {', '.join(sorted(forms.dropped))}")
+    return dataclasses.replace(inp, space=inp.space.without(dropped)), forms
 
 
 def latency_table(inp: Inputs, timer: PlanTimer) -> LatencyTable:

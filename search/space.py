@@ -21,15 +21,24 @@ class SearchSpace:
 
     @classmethod
     def build(cls, model: str, blocks: list[BlockSpec], keep: list[str] = (),
-              max_per_stage: int | None = None) -> "SearchSpace":
+              max_per_stage: int | None = None, cheaper_only: bool = True) -> "SearchSpace":
+        """The blocks not kept that are worthwhile (a merged form with fewer MACs), or, with ``cheaper_only``
+        false, every supported one: the merge planner then keeps those that some form makes faster on the target.
+        """
         names = {b.name for b in blocks}
         unknown = [k for k in keep if k not in names]
         if unknown:
             raise UpdpError(f"--keep names unknown blocks: {', '.join(unknown)} (see 'updp blocks MODEL')")
-        candidates = tuple(b for b in blocks if b.worthwhile and b.name not in keep)
+        candidates = tuple(b for b in blocks if (b.worthwhile if cheaper_only else b.supported) and b.name not in keep)
         if not candidates:
-            raise UpdpError("no block is left to prune: none is worthwhile (merged form cheaper) or all are kept")
+            what = "worthwhile (merged form cheaper)" if cheaper_only else "prunable"
+            raise UpdpError(f"no block is left to prune: none is {what} or all are kept")
         return cls(model, candidates, max_per_stage)
+
+    def without(self, names) -> "SearchSpace":
+        """This space less the blocks ``names``."""
+        names = set(names)
+        return SearchSpace(self.model, tuple(b for b in self.candidates if b.name not in names), self.max_per_stage)
 
     @property
     def names(self) -> list[str]:
