@@ -9,9 +9,11 @@ A form that is fastest in MACs can be slowest in milliseconds.
 One interleaved pass times the unpruned model and, for each group of identical blocks (same stage,
 family and shape: ``block_groups``) and each form, the model with every block of the group merged in
 that form. Timing a whole group, not one block, gives a saving several times this machine's noise,
-and in its real context (the same fusions and memory traffic as in a plan). Per group the form with
-the lowest ratio to the baseline wins; a group whose best ratio is not below 1 is "not worth pruning
-on this target" and leaves the search space. The choice is saved as the run's ``merge_forms.json``
+and in its real context (the same fusions and memory traffic as in a plan). A group's saving must be
+at least ``MARGIN`` of the whole model's latency to count (a ratio to the baseline below
+1 - MARGIN): one interleaved pass on a shared 2-core CPU measures a ratio to about that. A group no
+form saves that much is "not worth pruning on this target" and leaves the search space; otherwise
+it keeps its family's default form unless another form is faster than it by more than ``MARGIN``. The choice is saved as the run's ``merge_forms.json``
 and every merge of the run (latency table, fitted model, final model) uses it.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ from updp.pruner.spec import BlockSpec
 from updp.search.timing import PlanTimer, block_groups
 
 MODES = ("auto", "default")
+MARGIN = 0.01  # a saving, or a form's advantage, smaller than 1 % of the model's latency is taken for noise
 
 
 @dataclass
@@ -81,6 +84,18 @@ class FormPlan:
             raise UpdpError(f"cannot read merge forms '{path}': {e}") from None
 
 
+def choose(ratios: dict[str, float], default: str, margin: float = MARGIN) -> str | None:
+    """The form a group takes given each form's ratio to the baseline; None when none saves ``margin``."""
+    if not ratios:
+        return None
+    best = min(ratios, key=ratios.get)
+    if ratios[best] >= 1.0 - margin:
+        return None
+    if default in ratios and ratios[default] < 1.0 - margin and ratios[default] - ratios[best] <= margin:
+        return default
+    return best
+
+
 def plan_forms(timer: PlanTimer, specs: Sequence[BlockSpec], rounds: int = 20) -> FormPlan:
     """Time every form of every group of ``specs`` on ``timer``'s target in one interleaved pass.
 
@@ -111,9 +126,7 @@ def plan_forms(timer: PlanTimer, specs: Sequence[BlockSpec], rounds: int = 20) -
         else:
             info[group]["errors"][form] = result.error or "no timed runs"
     for g in info.values():
-        if g["ratios"]:
-            best = min(g["ratios"], key=g["ratios"].get)
-            g["chosen"] = best if g["ratios"][best] < 1.0 else None
+        g["chosen"] = choose(g["ratios"], g["default"])
     context = {k: v for k, v in base.context.items() if k != "round_medians_ms"}
     return FormPlan(timer.backend_name, timer.device, info, {**context, "rounds": rounds,
                                                              "input_shape": list(timer.cfg.input_shape),

@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from updp.core.config import override
+from updp.core.errors import UpdpError
 from updp.latency.base import LatencyBackend, MeasureConfig
 from updp.pipeline.config import RunConfig
 from updp.pipeline.rundir import Inputs
 from updp.pipeline.search import merge_forms
 from updp.pruner import Checkpoint, PruningPlan, create_model, find_blocks, load_checkpoint, save_checkpoint
 from updp.pruner.merge import merge_model
-from updp.search.forms import FormPlan, plan_forms
+from updp.search.forms import FormPlan, choose, plan_forms
 from updp.search.space import SearchSpace
 from updp.search.timing import PlanTimer
 from updp.train.runtime import CPU
@@ -29,22 +30,24 @@ CFG = MeasureConfig(warmup_runs=1, warmup_ms=0, min_runs=4, min_time_s=0, thread
 
 
 class CostTarget(LatencyBackend):
-    """Latency = sum over convolutions of MACs per output pixel x a cost per MAC of its kind; activations free.
+    """Latency = sum over convolutions and linears of MACs per output pixel x a cost per MAC of its kind.
 
-    ``dense_cost`` weighs a dense conv with a kernel above 1x1, ``grouped_cost`` a depthwise/grouped one.
+    Activations and norms are free. By default a dense conv with a kernel above 1x1 costs 4 per MAC (a
+    CPU-like target), everything else 1.
     """
 
     name = "cost-model"
     needs_onnx = False
-    dense_cost, grouped_cost = 4.0, 1.0
+
+    def cost(self, m: nn.Conv2d) -> float:
+        return 1.0 if m.groups > 1 or m.kernel_size[0] == 1 else 4.0
 
     def load(self, target: nn.Module, cfg: MeasureConfig) -> None:
         total = 0.0
         for m in target.modules():
             if isinstance(m, nn.Conv2d):
                 macs = m.out_channels * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
-                kind = self.grouped_cost if m.groups > 1 else (self.dense_cost if m.kernel_size[0] > 1 else 1.0)
-                total += macs * kind / m.stride[0] ** 2
+                total += macs * self.cost(m) / m.stride[0] ** 2
             elif isinstance(m, nn.Linear):
                 total += m.in_features * m.out_features
         self.ms = total / 1e6
@@ -54,8 +57,25 @@ class CostTarget(LatencyBackend):
 
 
 class GpuLikeTarget(CostTarget):
+    """Dense kernels at full occupancy, depthwise ones memory-bound."""
+
     name = "cost-model-gpu"
-    dense_cost, grouped_cost = 0.02, 3.0  # dense kernels at full occupancy, depthwise memory-bound
+
+    def cost(self, m: nn.Conv2d) -> float:
+        return 3.0 if m.groups > 1 else 0.02
+
+
+class MixedTarget(CostTarget):
+    """1x1 convs slow (20 per MAC, where Linears cost 1), dense kxk cheap up to 32 channels and slow above."""
+
+    name = "cost-model-mixed"
+
+    def cost(self, m: nn.Conv2d) -> float:
+        if m.groups > 1:
+            return 1.0
+        if m.kernel_size[0] == 1:
+            return 20.0
+        return 0.1 if m.out_channels <= 32 else 4.0
 
 
 def _timer(model: str, backend, size: int = 32) -> tuple[PlanTimer, list]:
@@ -75,21 +95,42 @@ def test_the_fastest_form_on_the_target_wins_for_each_group(target, want):
     assert set(plan.forms) == {s.name for s in specs} and set(plan.forms.values()) == {want}
 
 
+def _inputs(model: str, specs, tmp_path) -> Inputs:
+    cfg = override(RunConfig(model=model), {"latency.merge_forms": "auto"})
+    return Inputs(cfg, tmp_path, None, SearchSpace(model, tuple(specs)), None, 10, 32, CPU)
+
+
 def test_a_group_no_form_speeds_up_is_left_out_of_the_space(tmp_path):
-    # On the CPU-like target a dense kxk costs 4x per MAC and the chain form keeps every conv (activations are
-    # free): mobilenetv2's inverted residuals gain nothing in either form; its depthwise-separable first block
-    # and the bigger later ones may still gain, whatever the exact figures, the rule is the same.
-    timer, specs = _timer("mobilenetv2_050", CostTarget)
-    cfg = override(RunConfig(model="mobilenetv2_050"), {"latency.merge_forms": "auto"})
-    inp = Inputs(cfg, tmp_path, None, SearchSpace("mobilenetv2_050", tuple(specs)), None, 10, 32, CPU)
-    reduced, plan = merge_forms(inp, timer)
-    assert plan.dropped, plan.summary()
-    for g in plan.groups.values():
-        assert (g["chosen"] is None) == (min(g["ratios"].values()) >= 1.0)
-    assert set(reduced.space.names) == {s.name for s in specs} - set(plan.dropped)
+    # test_convnext's stages have 24, 32, 48 and 64 channels: on MixedTarget its DW + 1x1 form is slower than
+    # the block (a 1x1 conv costs 20x a Linear MAC) everywhere, the dense 7x7 faster only up to 32 channels
+    timer, specs = _timer("test_convnext", MixedTarget)
+    reduced, plan = merge_forms(_inputs("test_convnext", specs, tmp_path), timer)
+    chosen = {name.split(":")[0]: g["chosen"] for name, g in plan.groups.items()}
+    assert chosen == {"s0": "dense", "s1": "dense", "s2": None, "s3": None}, plan.summary()
+    assert set(reduced.space.names) == {s.name for s in specs if s.stage < 2} and set(plan.dropped) == {
+        s.name for s in specs if s.stage >= 2}
     assert timer.forms == plan.forms and json.loads((tmp_path / "merge_forms.json").read_text())["groups"]
-    again, _ = merge_forms(inp, timer)  # resumed: read from merge_forms.json, not timed again
+    again, _ = merge_forms(_inputs("test_convnext", specs, tmp_path), timer)  # resumed: read, not timed again
     assert again.space.names == reduced.space.names
+
+
+def test_no_block_faster_in_any_form_is_one_line_error(tmp_path):
+    # on the CPU-like target mobilenetv2's dense kxk costs 4x per MAC and its chain keeps every conv
+    timer, specs = _timer("mobilenetv2_050", CostTarget)
+    with pytest.raises(UpdpError, match="no block of mobilenetv2_050 is faster merged, in any form") as e:
+        merge_forms(_inputs("mobilenetv2_050", specs, tmp_path), timer)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("ratios, want", [
+    ({"dw_pw": 0.80, "dense": 0.70}, "dense"),  # clearly faster than the default: switch
+    ({"dw_pw": 0.80, "dense": 0.795}, "dw_pw"),  # within the margin of the default: keep the default
+    ({"dw_pw": 0.995, "dense": 1.2}, None),  # saves less than the margin: not worth pruning
+    ({"dw_pw": 1.3, "dense": 0.95}, "dense"),  # the default form slows it down, the other does not
+    ({}, None),  # every form failed to time
+])
+def test_choice_rule(ratios, want):
+    assert choose(ratios, "dw_pw") == want
 
 
 def test_every_form_choice_is_timed_for_real_on_onnxruntime():
@@ -98,7 +139,7 @@ def test_every_form_choice_is_timed_for_real_on_onnxruntime():
     assert plan.backend == "onnxruntime" and plan.context["rounds"] == 3
     for g in plan.groups.values():
         assert set(g["ratios"]) == {"dw_pw", "dense"} and all(0.2 < r < 2 for r in g["ratios"].values())
-        assert g["chosen"] in (None, min(g["ratios"], key=g["ratios"].get))
+        assert g["chosen"] == choose(g["ratios"], g["default"])
 
 
 def test_plans_are_timed_in_their_chosen_forms_and_cached_apart():
