@@ -13,8 +13,9 @@ and in its real context (the same fusions and memory traffic as in a plan). A gr
 at least ``MARGIN`` of the whole model's latency to count (a ratio to the baseline below
 1 - MARGIN): one interleaved pass on a shared 2-core CPU measures a ratio to about that. A group no
 form saves that much is "not worth pruning on this target" and leaves the search space; otherwise
-it keeps its family's default form unless another form is faster than it by more than ``MARGIN``. The choice is saved as the run's ``merge_forms.json``
-and every merge of the run (latency table, fitted model, final model) uses it.
+it keeps its family's default form unless another form is faster than it by more than ``MARGIN``.
+The choice is saved as the run's ``merge_forms.json`` and every merge of the run (latency table,
+fitted model, final model) uses it.
 """
 from __future__ import annotations
 
