@@ -30,7 +30,7 @@ def main() -> None:
     rows = [{"stage": k, "seconds": v} for k, v in timings.items()] + [{"stage": "total (command)", "seconds": total}]
     keys = ["baseline_top1", "merged_top1", "params_baseline", "params_merged", "macs_baseline", "macs_merged",
             "latency_backend", "latency_input", "latency_baseline_ms", "latency_merged_ms", "speedup",
-            "max_abs_logit_diff_merged_vs_subnet", "n_pruned", "pruned"]
+            "max_abs_logit_diff_merged_vs_subnet", "n_pruned", "pruned", "merge_forms"]
     notes = "Final model:\n\n" + "\n".join(f"- {k}: {final.get(k)}" for k in keys)
     shutil.copy(run_dir / "pareto.png", ROOT / "results" / "demo_pareto.png")
     write_results("demo_run", pd.DataFrame(rows), "Demo run (`updp run --config configs/demo.yaml`)", notes)
