@@ -46,9 +46,14 @@ def test_run_whole_pipeline_then_rerun_is_a_no_op(capsys, tmp_path):
     assert search["context"]["latency_input"] == "3x32x32" and final["latency_input"] == "1x3x32x32"
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["latency"]["img_size"] == 32  # recorded
     assert final["max_abs_logit_diff_merged_vs_subnet"] < 1e-4 and final["n_pruned"] >= 1
-    assert final["params_merged"] < final["params_baseline"]
+    pruned = final["pruned"].split(",")
+    assert set(final["merge_forms"]) == set(pruned)  # each block's form, as the planner chose it at 32 px
+    if set(final["merge_forms"].values()) == {"dw_pw"}:  # a dense 7x7 may be faster here, but is not smaller
+        assert final["params_merged"] < final["params_baseline"]
     assert "## Final model" in (run_dir / "report.md").read_text() and (run_dir / "pareto.png").is_file()
-    merged = load_checkpoint(run_dir / "merged.pt").model
+    ckpt = load_checkpoint(run_dir / "merged.pt")
+    assert ckpt.meta["merge_forms"] == final["merge_forms"]
+    merged = ckpt.model
     x = torch.randn(1, 3, 32, 32)
     import onnxruntime as ort
     sess = ort.InferenceSession(str(run_dir / "merged.onnx"), providers=["CPUExecutionProvider"])
