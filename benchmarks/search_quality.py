@@ -23,6 +23,7 @@ import argparse
 import copy
 import itertools
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -77,18 +78,31 @@ def finetune_top1(baseline: torch.nn.Module, plan: PruningPlan, inp, steps: int)
     return evaluate(student, fixed_batches(inp.splits.val, 1000))["top1"]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help=f"dataset .npz or folder (default {DEFAULT_DATA})")
-    ap.add_argument("--run", default="runs/bench_search_quality")
-    ap.add_argument("--trials", type=int, default=100)
-    ap.add_argument("--finetune-steps", type=int, default=140)
-    args = ap.parse_args()
+@dataclass
+class Setup:
+    """What every search-quality benchmark shares: one trained baseline and supernet, one latency proxy, and the
+    score and predicted latency of every plan of the space."""
+
+    cfg: RunConfig
+    inp: object
+    timer: object
+    table: object
+    baseline: torch.nn.Module
+    baseline_top1: float
+    supernet: object
+    calib: list
+    held: list
+    exhaustive: pd.DataFrame
+
+
+def prepare(data: str, run: str) -> Setup:
+    """Baseline, latency table, supernet (the stages `updp search` runs) and every plan scored, cached in ``run``."""
     cfg = from_dict(RunConfig, {"model": "convnext_atto",
-                                "data": {"root": args.data, "img_size": 32, "calib_images": 128, "eval_images": 250},
+                                "data": {"root": data, "img_size": 32, "calib_images": 128, "eval_images": 250},
                                 "baseline": {"epochs": 12}, "supernet": {"epochs": 4},
-                                "latency": {"backend": "onnxruntime", "threads": 2, "runs": 100}})
-    run_dir = Path(args.run)
+                                "latency": {"backend": "onnxruntime", "threads": 2, "runs": 100,
+                                            "merge_forms": "default"}})
+    run_dir = Path(run)
     run_dir.mkdir(parents=True, exist_ok=True)
     inp = rundir.check_inputs(cfg, run_dir)
     timer = runner.plan_timer(inp)
@@ -114,6 +128,20 @@ def main() -> None:
         exhaustive = pd.DataFrame(rows)
         exhaustive.to_csv(exhaustive_csv, index=False)
         print(f"exhaustive: {len(rows)} plans in {time.perf_counter() - t0:.0f} s")
+    return Setup(cfg, inp, timer, table, baseline, baseline_top1, supernet, calib, held, exhaustive)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help=f"dataset .npz or folder (default {DEFAULT_DATA})")
+    ap.add_argument("--run", default="runs/bench_search_quality")
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--finetune-steps", type=int, default=140)
+    args = ap.parse_args()
+    setup = prepare(args.data, args.run)
+    cfg, inp, timer, table, baseline = setup.cfg, setup.inp, setup.timer, setup.table, setup.baseline
+    baseline_top1, supernet, calib, held, exhaustive = (setup.baseline_top1, setup.supernet, setup.calib, setup.held,
+                                                        setup.exhaustive)
 
     study = optuna.create_study(directions=["maximize", "minimize"],
                                 sampler=st.make_sampler("nsga2", 0, args.trials))

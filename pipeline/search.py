@@ -273,14 +273,19 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
             supernet = train_supernet(inp, model)
     s = cfg.search
     worker = st.worker_slot(run_dir)
-    sampler = st.make_sampler(sampler or s.sampler, s.seed, s.trials, worker)
+    base = st.make_sampler(sampler or s.sampler, s.seed, s.trials, worker)
+    sampler = st.DistinctSampler(base, inp.space, s.space, seed=st.worker_seed(s.seed, worker))
     study = st.open_study(inp.storage, s.study_name, sampler)
+    target = s.trials
+    if target > inp.space.size(s.space):  # every plan once is all a study can complete
+        target = inp.space.size(s.space)
+        warn(f"the search space holds only {target} distinct plans: searching {target}, not {s.trials}")
     st.seed_study(study, inp.space, s.space)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-    if done >= s.trials:
+    if done >= target:
         print(f"updp: nothing to do: the study already has {done} completed trials (asked for {s.trials}); "
               "pass --trials N to add more", flush=True)
-        st.finish_study(study, s.trials)
+        st.finish_study(study, target)
     else:
         calib = resident(fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed), inp.rt)
         held = resident(fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed), inp.rt)
@@ -289,16 +294,18 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
         objective = st.Objective(inp.space, s.space, scorer, latency, budget_ms,
                                  verify=latency.verify if cfg.latency.mode == "hybrid" else None,
                                  verify_top=cfg.latency.verify_top)
-        callback, bar = _progress(s.trials)
+        callback, bar = _progress(target)
         if worker:
             print(f"updp: worker {worker} joins the study (sampler seed {st.worker_seed(s.seed, worker)})", flush=True)
         with stage(run_dir, "search"):
             try:
-                counts = st.optimize(study, objective, s.trials, callbacks=[callback])
+                counts = st.optimize(study, objective, target, callbacks=[callback])
             finally:
                 bar.close()
         print(f"updp: search: {counts['complete']} trials complete, {counts['fail']} failed, {counts['pruned']} "
-              f"pruned ({counts['duplicates_skipped']} repeated plans not scored again)", flush=True)
+              f"pruned ({counts['duplicates_skipped']} repeated plans not scored again; {counts['distinct_plans']} "
+              f"distinct plans in {counts['started']} trials, {sampler.moves} proposed repeats moved to an untried "
+              "neighbour)", flush=True)
     barrier(inp.rt)  # under torchrun every rank is a worker of the study: rank 0 reports once all are done
     with stage(run_dir, "report"):
         context = run_context(cfg, timer, budget_ms, table, inp, fitted, forms)

@@ -112,6 +112,7 @@ def write_report(run_dir: Path, study: optuna.Study, context: dict, budget_ms: f
     write_text(run_dir / "report.md", _markdown(df, front, best, context, budget_ms))
     states = df.state.value_counts()
     return {"best": None if best is None else best.to_dict(), "front": len(front), "trials": len(df),
+            "distinct_plans": int(df.pruned.nunique()),
             **{state.lower(): int(states.get(state, 0)) for state in ("COMPLETE", "FAIL", "PRUNED")}}
 
 
@@ -135,7 +136,8 @@ def _markdown(df, front, best, context, budget_ms) -> str:
               _md_table(front[["trial", "score", "latency_ms", "latency_source", "n_pruned", "pruned"]]), "",
               "## Trials", "",
               f"- completed: {len(done)}, failed: {len(failed)}, pruned: {len(pruned)} ({repeats} repeated plans "
-              f"not scored again), total: {len(df)}",
+              f"not scored again), total: {len(df)}; distinct plans {df.pruned.nunique()} "
+              f"({df.pruned.nunique() / max(1, len(df)):.2f} per trial)",
               f"- mean seconds per trial: scoring {done.score_s.mean():.3g}, latency {done.latency_s.mean():.3g}"]
     if not failed.empty:
         lines += ["", "Failed trials:", ""] + [f"- trial {int(r.trial)}: {r.fail_reason}" for r in failed.itertuples()]

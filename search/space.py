@@ -1,6 +1,7 @@
 """The search space: which blocks may be pruned, how a trial picks a plan, seed plans."""
 from __future__ import annotations
 
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterable
@@ -80,6 +81,28 @@ class SearchSpace:
         """Stage blocks ordered by MACs saved by merging (largest first, later blocks on ties)."""
         saving = {b.name: b.macs - b.merged_macs for b in self.candidates}
         return sorted(names, key=lambda n: (-saving[n], -names.index(n)))
+
+    def distributions(self, mode: str = "blocks") -> dict:
+        """The Optuna distribution of each trial parameter ``suggest`` asks for."""
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        if mode == "blocks":
+            return {n: CategoricalDistribution([False, True]) for n in self.names}
+        return {f"stage{s}": IntDistribution(0, self.cap(s)) for s in self.stages}
+
+    def from_params(self, params: dict, mode: str = "blocks") -> PruningPlan:
+        """The plan ``suggest`` makes of these parameter values."""
+        if mode == "blocks":
+            return self.repair(n for n in self.names if params[n])
+        return self.plan(n for s, names in self.stages.items() for n in self._by_saving(names)[:params[f"stage{s}"]])
+
+    def size(self, mode: str = "blocks") -> int:
+        """How many distinct plans the space holds (the per-stage cap applied)."""
+        total = 1
+        for s, names in self.stages.items():
+            total *= sum(math.comb(len(names), k) for k in range(self.cap(s) + 1)) if mode == "blocks" else \
+                self.cap(s) + 1
+        return total
 
     def params(self, pruned: PruningPlan, mode: str = "blocks") -> dict:
         """Trial parameters that reproduce ``pruned`` (for ``study.enqueue_trial``)."""

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import json
 import os
+import random
 import re
 import socket
 import time
@@ -34,7 +35,8 @@ from updp.core.plan import PruningPlan
 from updp.search.space import SearchSpace
 from updp.search.storage import RetryOnce, open_lock, open_storage, redact_url, retried_trial, storage_url, study_lock
 
-__all__ = ["CandidateFailed", "Objective", "fail_stale_trials", "finish_study", "make_sampler", "open_storage",
+__all__ = ["CandidateFailed", "DistinctSampler", "Objective",
+           "fail_stale_trials", "finish_study", "make_sampler", "open_storage",
            "open_study", "optimize", "redact_url", "retried_trial", "SAMPLERS", "seed_study", "storage_url",
            "trial_plan",
            "measured_count", "summary_counts", "worker_id", "worker_seed", "worker_slot"]
@@ -118,6 +120,65 @@ def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int, trials: 
                     "module:Class of an Optuna sampler")
 
 
+class DistinctSampler(optuna.samplers.BaseSampler):
+    """Any sampler, steered away from plans the study has already tried.
+
+    Binary block masks make repeats common (NSGA-II's crossover and mutation of a converged population
+    give the same child again; Optuna issues 2021 and 5440): every repeat is a trial that teaches the
+    sampler nothing. This wrapper asks ``base`` for all of a trial's parameters at once (its relative
+    sample, the rest one by one as Optuna would), and while the plan they make (after the per-stage cap)
+    is one a trial of the study holds already, moves to a neighbour: one block flipped, or one stage's
+    count stepped by one, chosen at random (seeded). After ``max_tries`` moves it gives up and the
+    objective answers the repeat from the study without scoring it (``duplicate_of``).
+    """
+
+    def __init__(self, base: optuna.samplers.BaseSampler, space: SearchSpace, mode: str = "blocks",
+                 seed: int | None = None, max_tries: int = 200):
+        self.base, self.space, self.mode, self.max_tries = base, space, mode, max_tries
+        self.rng = random.Random(seed)
+        self.moves = 0  # neighbour moves made, for reports
+
+    def reseed_rng(self) -> None:
+        self.base.reseed_rng()
+
+    def infer_relative_search_space(self, study, trial) -> dict:
+        return self.space.distributions(self.mode)
+
+    def sample_relative(self, study, trial, search_space: dict) -> dict:
+        base_space = self.base.infer_relative_search_space(study, trial)
+        params = self.base.sample_relative(study, trial, base_space) if base_space else {}
+        for name, dist in search_space.items():
+            if name not in params:
+                params[name] = self.base.sample_independent(study, trial, name, dist)
+        seen = {t.user_attrs["plan"] for t in study.get_trials(deepcopy=False) if "plan" in t.user_attrs}
+        for _ in range(self.max_tries):
+            if self.space.from_params(params, self.mode).to_str() not in seen:
+                break
+            params = self._neighbour(params, search_space)
+            self.moves += 1
+        return params
+
+    def _neighbour(self, params: dict, search_space: dict) -> dict:
+        name = self.rng.choice(sorted(search_space))
+        out = dict(params)
+        if self.mode == "blocks":
+            out[name] = not out[name]
+        else:
+            dist = search_space[name]
+            step = self.rng.choice((-1, 1))
+            out[name] = min(dist.high, max(dist.low, out[name] + step))
+        return out
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self.base.before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        self.base.after_trial(study, trial, state, values)
+
+
 def _imported_sampler(path: str, seed: int) -> optuna.samplers.BaseSampler:
     module, _, name = path.partition(":")
     try:
@@ -194,8 +255,10 @@ def summary_counts(study: optuna.Study) -> dict:
     """Trials by state, and how many were skipped as duplicate plans."""
     trials = study.get_trials(deepcopy=False)
     n = Counter(t.state for t in trials)
+    plans = {t.user_attrs["plan"] for t in trials if "plan" in t.user_attrs}
     return {"complete": n[TrialState.COMPLETE], "fail": n[TrialState.FAIL], "pruned": n[TrialState.PRUNED],
-            "running": n[TrialState.RUNNING], "waiting": n[TrialState.WAITING],
+            "running": n[TrialState.RUNNING], "waiting": n[TrialState.WAITING], "started": len(trials),
+            "distinct_plans": len(plans),
             "duplicates_skipped": sum(t.state == TrialState.PRUNED and "duplicate_of" in t.user_attrs
                                       for t in trials)}
 

@@ -317,7 +317,8 @@ def test_finish_study_drops_late_retries_only_once_the_target_is_reached(tmp_pat
     study.enqueue_trial({"x": 0.5})
     assert st.finish_study(study, target=3)["waiting"] == 1  # left for the workers still to come
     counts = st.finish_study(study, target=2)
-    assert counts == {"complete": 2, "fail": 0, "pruned": 1, "running": 0, "waiting": 0, "duplicates_skipped": 0}
+    assert counts == {"complete": 2, "fail": 0, "pruned": 1, "running": 0, "waiting": 0, "duplicates_skipped": 0,
+                      "started": 3, "distinct_plans": 0}
     assert study.trials[2].user_attrs["dropped"] == "target reached"
 
 

@@ -1,0 +1,117 @@
+"""Optuna samplers on one supernet and one latency proxy: hypervolume of the front found vs the exhaustive front.
+
+Same setup as ``search_quality.py`` (convnext_atto, 12 blocks, 4,096 plans, CIFAR-10 subset at 32 px; cached in
+``--run``): every plan is scored once with the supernet and priced by the latency table, so each trial of a
+study here is a look-up of the exhaustive table through updp's own ``Objective`` (a repeated plan is not
+scored again: PRUNED with ``duplicate_of``, not counted). For each sampler configuration and seed, a study
+runs until ``--trials`` COMPLETE trials; the hypervolume of its front after 25, 50 and 100 completed trials
+is divided by the exhaustive front's (reference point: the lowest score of all plans, 1.01 x the highest
+latency). ``distinct_plans`` = distinct plans tried / trials started (repeats included); overhead = seconds
+per trial of the study loop (sampling, storage, updp's bookkeeping; the look-up itself is ~0).
+
+Configurations: ``nsga2`` (updp's sampler before this benchmark: no steering), and each of NSGA-II, TPE
+(multivariate), GPSampler and random inside ``DistinctSampler`` (a proposed repeat moves to an untried
+neighbour). Every study starts from updp's seed plans (``seed_study``).
+
+Writes results/search_quality_samplers.{csv,md}. Run: python benchmarks/sampler_comparison.py [--seeds 5]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import optuna
+import pandas as pd
+from common import write_results
+from search_quality import DEFAULT_DATA, hypervolume, prepare
+
+from updp.pipeline import search as runner
+from updp.pruner import PruningPlan
+from updp.search import study as st
+
+CHECKPOINTS = (25, 50, 100)
+
+
+def configurations(space, trials: int) -> dict:
+    def distinct(name):
+        return lambda seed: st.DistinctSampler(st.make_sampler(name, seed, trials), space, "blocks", seed=seed)
+
+    return {"nsga2": lambda seed: st.make_sampler("nsga2", seed, trials),
+            "nsga2+distinct": distinct("nsga2"), "tpe+distinct": distinct("tpe"),
+            "gp+distinct": distinct("gp"), "random+distinct": distinct("random")}
+
+
+def run_study(setup, sampler, trials: int) -> tuple[pd.DataFrame, float, int]:
+    lookup = setup.exhaustive.set_index("pruned")
+    model = setup.cfg.model
+
+    def scorer(plan: PruningPlan) -> dict:
+        row = lookup.loc[plan.to_str()]
+        return {"top1": float(row.score), "loss": float(row.loss)}
+
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    st.seed_study(study, setup.inp.space, "blocks")
+    objective = st.Objective(setup.inp.space, "blocks", scorer, runner.PlanLatency("table", setup.timer, setup.table),
+                             None)
+    t0 = time.perf_counter()
+    st.optimize(study, objective, trials)
+    wall = time.perf_counter() - t0
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    found = pd.DataFrame([{"pruned": st.trial_plan(t, model).to_str(), "score": t.values[0],
+                           "latency_ms": t.values[1]} for t in done])
+    started = len(study.trials)
+    distinct = len({st.trial_plan(t, model).to_str() for t in study.trials})
+    return found, wall / started, distinct / started
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--run", default="runs/bench_search_quality")
+    ap.add_argument("--trials", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    args = ap.parse_args()
+    setup = prepare(args.data, args.run)
+    ex = setup.exhaustive
+    ref_score, ref_latency = ex.score.min(), ex.latency_ms.max() * 1.01
+    hv_true = hypervolume(ex, ref_score, ref_latency)
+    rows = []
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    for name, make in configurations(setup.inp.space, args.trials).items():
+        if args.only and name not in args.only:
+            continue
+        for seed in range(args.seeds):
+            found, overhead, distinct = run_study(setup, make(seed), args.trials)
+            row = {"model": setup.cfg.model, "sampler": name, "seed": seed, "trials": len(found),
+                   "distinct_plans": distinct, "overhead_s_per_trial": overhead}
+            for k in CHECKPOINTS:
+                row[f"hv_ratio_{k}"] = hypervolume(found.iloc[:k], ref_score, ref_latency) / hv_true
+            rows.append(row)
+            print(row, flush=True)
+    per_seed = pd.DataFrame(rows)
+    per_seed.to_csv(f"{args.run}/sampler_seeds.csv", index=False)
+    g = per_seed.groupby("sampler", sort=False)
+    summary = pd.DataFrame({
+        "model": setup.cfg.model, "sampler": list(g.groups), "trials": args.trials, "seeds": g.size().values,
+        **{f"hv_ratio_{k}_mean": g[f"hv_ratio_{k}"].mean().values for k in CHECKPOINTS},
+        **{f"hv_ratio_{k}_std": g[f"hv_ratio_{k}"].std().values for k in CHECKPOINTS},
+        "distinct_plans_mean": g.distinct_plans.mean().values,
+        "overhead_s_per_trial": g.overhead_s_per_trial.mean().values})
+    summary["hv_ratio_mean"] = summary[f"hv_ratio_{args.trials}_mean"]
+    summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
+    best = summary.hv_ratio_mean.idxmax()
+    summary["is_default"] = summary.sampler == "nsga2+distinct"
+    write_results("search_quality_samplers", summary,
+                  f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
+                  f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
+                  f"{setup.cfg.data.eval_images} held-out training images after BN re-estimation on "
+                  f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, 224 px). "
+                  f"{args.seeds} seeds per configuration, {args.trials} COMPLETE trials each; hv_ratio_K: after K "
+                  f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. Per-seed rows: "
+                  f"{args.run}/sampler_seeds.csv.\n\nCommand: python benchmarks/sampler_comparison.py --seeds "
+                  f"{args.seeds} --trials {args.trials}")
+
+
+if __name__ == "__main__":
+    main()
