@@ -22,7 +22,7 @@ import time
 
 import optuna
 import pandas as pd
-from common import write_results
+from common import RESULTS, write_results
 from search_quality import DEFAULT_DATA, hypervolume, prepare
 
 from updp.pipeline import search as runner
@@ -90,7 +90,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     per_seed = pd.DataFrame(rows)
-    per_seed.to_csv(f"{args.run}/sampler_seeds.csv", index=False)
+    per_seed.to_csv(RESULTS / "search_quality_samplers_seeds.csv", index=False)
     g = per_seed.groupby("sampler", sort=False)
     summary = pd.DataFrame({
         "model": setup.cfg.model, "sampler": list(g.groups), "trials": args.trials, "seeds": g.size().values,
@@ -101,7 +101,7 @@ def main() -> None:
     summary["hv_ratio_mean"] = summary[f"hv_ratio_{args.trials}_mean"]
     summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
     best = summary.hv_ratio_mean.idxmax()
-    summary["is_default"] = summary.sampler == "nsga2+distinct"
+    summary["is_default"] = summary.sampler == "tpe+distinct"  # updp's default: --sampler tpe, always steered
     write_results("search_quality_samplers", summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
                   f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
@@ -109,7 +109,7 @@ def main() -> None:
                   f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, 224 px). "
                   f"{args.seeds} seeds per configuration, {args.trials} COMPLETE trials each; hv_ratio_K: after K "
                   f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. Per-seed rows: "
-                  f"{args.run}/sampler_seeds.csv.\n\nCommand: python benchmarks/sampler_comparison.py --seeds "
+                  "search_quality_samplers_seeds.csv.\n\nCommand: python benchmarks/sampler_comparison.py --seeds "
                   f"{args.seeds} --trials {args.trials}")
 
 
