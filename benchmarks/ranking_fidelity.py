@@ -25,6 +25,7 @@ from search_quality import DEFAULT_DATA, prepare
 
 from updp.pruner import PruningPlan, merge_model
 from updp.search.report import pareto_front
+from updp.search.scoring import score_plan
 from updp.train.bn import recalibrate_bn
 from updp.train.data import fixed_batches
 from updp.train.loop import evaluate
@@ -47,12 +48,18 @@ def main() -> None:
     ap.add_argument("--plans", type=int, default=12)
     ap.add_argument("--epochs", type=float, default=6, help="progressive training epochs per plan (the demo's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, help="pick the plans among this many scored random plans, not all 4,096")
+    ap.add_argument("--name", default="ranking_fidelity", help="results/NAME.{csv,md}")
     args = ap.parse_args()
-    setup = prepare(args.data, args.run)
+    setup = prepare(args.data, args.run, args.pool)
     inp, ex = setup.inp, setup.exhaustive.set_index("pruned")
     val = fixed_batches(inp.splits.val, len(inp.splits.val))
-    rows = []
+    truth_csv = Path(args.run) / f"ranking_truth_{args.epochs:g}.csv"
+    done = pd.read_csv(truth_csv, keep_default_na=False) if truth_csv.is_file() else pd.DataFrame()
+    rows = done.to_dict("records")
     for text in pick_plans(setup.exhaustive, args.plans, args.seed):
+        if text in set(done.get("pruned", [])):
+            continue
         plan = PruningPlan.from_str(setup.cfg.model, text)
         out = Path(args.run) / f"rank_{plan.key}"
         out.mkdir(parents=True, exist_ok=True)
@@ -64,29 +71,55 @@ def main() -> None:
         rows.append({"pruned": text, "n_pruned": len(plan), "latency_ms": float(ex.loc[text, "latency_ms"]),
                      "supernet_top1": float(ex.loc[text, "score"]), "merged_top1": top1,
                      "train_s": time.perf_counter() - t0})
+        pd.DataFrame(rows).to_csv(truth_csv, index=False)
         print(rows[-1], flush=True)
     plans = pd.DataFrame(rows)
-    plans.to_csv(RESULTS / "ranking_fidelity_plans.csv", index=False)
-    budget = plans.latency_ms.median()
-    within = plans[plans.latency_ms <= budget]
-    pick = within.loc[within.supernet_top1.idxmax()]
-    summary = pd.DataFrame([{
-        "model": setup.cfg.model, "dataset": Path(args.data).name, "img_size": setup.cfg.data.img_size,
-        "plans": len(plans), "kendall_tau": plans.supernet_top1.corr(plans.merged_top1, method="kendall"),
-        "spearman": plans.supernet_top1.corr(plans.merged_top1, method="spearman"),
-        "regret_top1": within.merged_top1.max() - pick.merged_top1, "budget_ms": budget,
-        "baseline_val_top1": setup.baseline_top1, "train_epochs": args.epochs,
-        "train_s_per_plan": plans.train_s.mean(), "supernet_sampler": "sandwich (full, most pruned, 1 random)",
-        "supernet_epochs": setup.cfg.supernet.epochs, "calib_images": setup.cfg.data.calib_images,
-        "finetune_steps": 0}])
-    write_results("ranking_fidelity", summary, "Ranking fidelity: supernet score vs trained, merged top-1",
+    summary = pd.DataFrame([fidelity(setup, plans, name, args, **kw) for name, kw in variants(setup).items()])
+    for name in summary.variant:
+        plans[f"score_{name}"] = summary.set_index("variant").loc[name, "scores"]
+    summary = summary.drop(columns="scores")
+    plans.to_csv(RESULTS / f"{args.name}_plans.csv", index=False)
+    write_results(args.name, summary, "Ranking fidelity: supernet score vs trained, merged top-1",
                   f"{len(plans)} plans of {setup.cfg.model} ({len(plans) // 2} along the exhaustive front, the rest "
                   f"random dominated ones), each trained with updp's progressive training for {args.epochs:g} "
                   f"epochs (seed {args.seed}), BN re-estimated on 1,024 images, merged, top-1 on "
                   f"{len(inp.splits.val)} validation images. Regret: budget = median latency of the plans; the "
-                  "plan with the best supernet score under it vs the best trained top-1 under it. Per-plan rows: "
-                  f"ranking_fidelity_plans.csv.\n\nCommand: python benchmarks/ranking_fidelity.py --plans "
-                  f"{args.plans} --epochs {args.epochs:g}")
+                  "plan with the best supernet score under it vs the best trained top-1 under it. Each variant "
+                  "scores the same plans against the same trained top-1s; score_s_per_plan is its cost per "
+                  f"candidate in a search. Per-plan rows: {args.name}_plans.csv.\n\nCommand: python "
+                  f"benchmarks/ranking_fidelity.py --data {args.data} --plans {args.plans} --epochs {args.epochs:g}"
+                  + (f" --pool {args.pool}" if args.pool else ""))
+
+
+def variants(setup) -> dict:
+    """Ways of scoring a plan with the supernet: the default, and one change each."""
+    return {"default": {}, "eval_images_1000": {"eval_images": 1000}, "calib_images_512": {"calib_images": 512},
+            "finetune_20_steps": {"finetune_steps": 20}}
+
+
+def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | None = None,
+             eval_images: int | None = None, finetune_steps: int = 0) -> dict:
+    """Kendall tau, Spearman and regret of one scoring variant on the trained plans."""
+    inp, d = setup.inp, setup.cfg.data
+    calib = fixed_batches(inp.splits.train_eval, calib_images or d.calib_images, setup.cfg.search.seed)
+    held = fixed_batches(inp.splits.held_out, eval_images or d.eval_images, setup.cfg.search.seed)
+    t0 = time.perf_counter()
+    scores = [score_plan(setup.supernet, PruningPlan.from_str(setup.cfg.model, p), calib, held, finetune_steps)["top1"]
+              for p in plans.pruned]
+    score_s = (time.perf_counter() - t0) / len(plans)
+    s = pd.Series(scores, index=plans.index)
+    budget = plans.latency_ms.median()
+    within = plans.latency_ms <= budget
+    pick = s[within].idxmax()
+    return {"model": setup.cfg.model, "dataset": Path(args.data).name, "img_size": d.img_size, "plans": len(plans),
+            "variant": name, "kendall_tau": s.corr(plans.merged_top1, method="kendall"),
+            "spearman": s.corr(plans.merged_top1, method="spearman"),
+            "regret_top1": plans.merged_top1[within].max() - plans.merged_top1[pick], "budget_ms": budget,
+            "score_s_per_plan": score_s, "calib_images": calib_images or d.calib_images,
+            "eval_images": eval_images or d.eval_images, "finetune_steps": finetune_steps,
+            "supernet_epochs": setup.cfg.supernet.epochs, "baseline_val_top1": setup.baseline_top1,
+            "train_epochs": args.epochs, "val_images": len(inp.splits.val),
+            "merged_top1_range": f"{plans.merged_top1.min():.1f}-{plans.merged_top1.max():.1f}", "scores": scores}
 
 
 if __name__ == "__main__":

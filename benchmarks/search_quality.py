@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,11 @@ class Setup:
     exhaustive: pd.DataFrame
 
 
-def prepare(data: str, run: str) -> Setup:
-    """Baseline, latency table, supernet (the stages `updp search` runs) and every plan scored, cached in ``run``."""
+def prepare(data: str, run: str, pool: int | None = None) -> Setup:
+    """Baseline, latency table, supernet (the stages `updp search` runs) and every plan scored, cached in ``run``.
+
+    With ``pool``, only that many random distinct plans are scored (seeded), not all 4,096.
+    """
     cfg = from_dict(RunConfig, {"model": "convnext_atto",
                                 "data": {"root": data, "img_size": 32, "calib_images": 128, "eval_images": 250},
                                 "baseline": {"epochs": 12}, "supernet": {"epochs": 4},
@@ -114,12 +118,14 @@ def prepare(data: str, run: str) -> Setup:
     held = fixed_batches(inp.splits.held_out, cfg.data.eval_images)
     names = inp.space.names
 
-    exhaustive_csv = run_dir / "exhaustive.csv"
+    exhaustive_csv = run_dir / ("exhaustive.csv" if pool is None else f"pool{pool}.csv")
     if exhaustive_csv.is_file():
         exhaustive = pd.read_csv(exhaustive_csv, keep_default_na=False)
     else:
         rows, t0 = [], time.perf_counter()
         plans = list(itertools.product([False, True], repeat=len(names)))
+        if pool is not None:
+            plans = [plans[0]] + random.Random(0).sample(plans[1:], pool - 1)
         for bits in tqdm(plans, desc="exhaustive", unit="plan", mininterval=10):
             plan = PruningPlan(cfg.model, frozenset(n for n, b in zip(names, bits) if b))
             s = score_plan(supernet, plan, calib, held)
