@@ -71,8 +71,11 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    ap.add_argument("--model", default="convnext_atto")
+    ap.add_argument("--keep", nargs="*", default=[], help="blocks left out of the space (a subset of a larger one)")
+    ap.add_argument("--name", default="search_quality_samplers", help="results/NAME.{csv,md}")
     args = ap.parse_args()
-    setup = prepare(args.data, args.run)
+    setup = prepare(args.data, args.run, model=args.model, keep=args.keep)
     ex = setup.exhaustive
     ref_score, ref_latency = ex.score.min(), ex.latency_ms.max() * 1.01
     hv_true = hypervolume(ex, ref_score, ref_latency)
@@ -90,7 +93,7 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     per_seed = pd.DataFrame(rows)
-    per_seed.to_csv(RESULTS / "search_quality_samplers_seeds.csv", index=False)
+    per_seed.to_csv(RESULTS / f"{args.name}_seeds.csv", index=False)
     g = per_seed.groupby("sampler", sort=False)
     summary = pd.DataFrame({
         "model": setup.cfg.model, "sampler": list(g.groups), "trials": args.trials, "seeds": g.size().values,
@@ -102,15 +105,17 @@ def main() -> None:
     summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
     best = summary.hv_ratio_mean.idxmax()
     summary["is_default"] = summary.sampler == "tpe+distinct"  # updp's default: --sampler tpe, always steered
-    write_results("search_quality_samplers", summary,
+    write_results(args.name, summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
                   f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
                   f"{setup.cfg.data.eval_images} held-out training images after BN re-estimation on "
                   f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, 224 px). "
                   f"{args.seeds} seeds per configuration, {args.trials} COMPLETE trials each; hv_ratio_K: after K "
                   f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. Per-seed rows: "
-                  "search_quality_samplers_seeds.csv.\n\nCommand: python benchmarks/sampler_comparison.py --seeds "
-                  f"{args.seeds} --trials {args.trials}")
+                  f"{args.name}_seeds.csv. Space: {len(setup.inp.space.names)} blocks"
+                  + (f" (left out: {', '.join(args.keep)})" if args.keep else "") + ".\n\nCommand: python "
+                  f"benchmarks/sampler_comparison.py --seeds {args.seeds} --trials {args.trials} --model {args.model}"
+                  + (f" --keep {' '.join(args.keep)}" if args.keep else "") + f" --name {args.name}")
 
 
 if __name__ == "__main__":

@@ -96,12 +96,12 @@ class Setup:
     exhaustive: pd.DataFrame
 
 
-def prepare(data: str, run: str, pool: int | None = None) -> Setup:
+def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext_atto", keep: list[str] = ()) -> Setup:
     """Baseline, latency table, supernet (the stages `updp search` runs) and every plan scored, cached in ``run``.
 
     With ``pool``, only that many random distinct plans are scored (seeded), not all 4,096.
     """
-    cfg = from_dict(RunConfig, {"model": "convnext_atto",
+    cfg = from_dict(RunConfig, {"model": model, "search": {"keep": list(keep)},
                                 "data": {"root": data, "img_size": 32, "calib_images": 128, "eval_images": 250},
                                 "baseline": {"epochs": 12}, "supernet": {"epochs": 4},
                                 "latency": {"backend": "onnxruntime", "threads": 2, "runs": 100,
