@@ -104,12 +104,13 @@ def main() -> None:
     summary["hv_ratio_mean"] = summary[f"hv_ratio_{args.trials}_mean"]
     summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
     best = summary.hv_ratio_mean.idxmax()
-    summary["is_default"] = summary.sampler == "tpe+distinct"  # updp's default: --sampler tpe, always steered
+    summary["is_default"] = summary.sampler == "gp+distinct"  # updp's default: --sampler gp, always steered
     write_results(args.name, summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
                   f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
                   f"{setup.cfg.data.eval_images} held-out training images after BN re-estimation on "
-                  f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, 224 px). "
+                  f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, input "
+                  f"{'x'.join(map(str, setup.timer.cfg.input_shape))}). "
                   f"{args.seeds} seeds per configuration, {args.trials} COMPLETE trials each; hv_ratio_K: after K "
                   f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. Per-seed rows: "
                   f"{args.name}_seeds.csv. Space: {len(setup.inp.space.names)} blocks"

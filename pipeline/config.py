@@ -74,7 +74,7 @@ class LatencyConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     trials: int = option(50, "completed trials to reach", "--trials", metavar="N")
-    sampler: str = option("tpe", f"Optuna sampler: {', '.join(SAMPLERS)}, or module:Class of an installed "
+    sampler: str = option("gp", f"Optuna sampler: {', '.join(SAMPLERS)}, or module:Class of an installed "
                           "sampler (e.g. an OptunaHub one)", "--sampler", metavar="NAME")
     space: str = option("blocks", "one boolean per block, or a pruned count per stage", "--space", SPACES)
     seed: int = option(0, "seed of the sampler, subsets and training", "--seed")
