@@ -93,5 +93,18 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_json_as(cls: type, path: str | os.PathLike, what: str) -> Any:
+    """``cls(**the JSON object in path)``: a dataclass saved with :func:`write_json` and ``asdict``.
+
+    Raises:
+        UpdpError: the file cannot be read, is not JSON, or does not fit ``cls`` (one line naming ``what``).
+    """
+    try:
+        with open(path) as f:
+            return cls(**json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise UpdpError(f"cannot read {what} '{path}': {e}") from None
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")

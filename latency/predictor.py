@@ -22,7 +22,6 @@ held-out error with the coefficients, so a run's predictor can be audited.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from updp.core.errors import UpdpError
-from updp.core.fileio import write_json
+from updp.core.fileio import read_json_as, write_json
 from updp.core.plan import PruningPlan
 from updp.latency.table import UnmeasuredBlock
 
@@ -101,11 +100,7 @@ class LatencyModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyModel":
-        try:
-            with open(path) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            raise UpdpError(f"cannot read latency model '{path}': {e}") from None
+        return read_json_as(cls, path, "latency model")
 
 
 def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[float, np.ndarray]:

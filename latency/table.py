@@ -12,7 +12,6 @@ that one trial failed and goes on.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -22,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from updp.core.errors import UpdpError
-from updp.core.fileio import write_json
+from updp.core.fileio import read_json_as, write_json
 from updp.core.plan import PruningPlan
 from updp.latency.result import LatencyResult
 
@@ -82,11 +81,7 @@ class LatencyTable:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "LatencyTable":
         """A saved table; files written before ``failed`` existed load with no failed block."""
-        try:
-            with open(path) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            raise UpdpError(f"cannot read latency table '{path}': {e}") from None
+        return read_json_as(cls, path, "latency table")
 
     def frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"block": b, "saved_ms": f * self.baseline_ms, "saved_pct": 100 * f}

@@ -19,14 +19,13 @@ fitted model, final model) uses it.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from updp.core.errors import UpdpError
-from updp.core.fileio import write_json
+from updp.core.fileio import read_json_as, write_json
 from updp.latency.table import ratio
 from updp.pruner import merge_model
 from updp.pruner.registry import family_for
@@ -78,11 +77,7 @@ class FormPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FormPlan":
-        try:
-            with open(path) as f:
-                return cls(**json.load(f))
-        except (OSError, ValueError, TypeError) as e:
-            raise UpdpError(f"cannot read merge forms '{path}': {e}") from None
+        return read_json_as(cls, path, "merge forms")
 
 
 def choose(ratios: dict[str, float], default: str, margin: float = MARGIN) -> str | None:

@@ -148,7 +148,8 @@ def test_plans_are_timed_in_their_chosen_forms_and_cached_apart():
     default = timer.measure_many([plan])[0].median_ms
     key_default = timer.key(plan)
     timer.forms = {specs[0].name: "dense"}
-    assert timer.measure_many([plan])[0].median_ms < default  # the dense form is cheaper on this target
+    # the cost model's figure, a fixed function of the convolutions (no clock): the dense form costs less here
+    assert timer.measure_many([plan])[0].median_ms < default
     assert timer.key(plan) != key_default
 
 

@@ -144,6 +144,7 @@ def test_import_matches_outputs_to_plans_and_reports_the_rest(capsys, tmp_path):
     code, stdout, err = run(capsys, "latency", "import", out, "--cache", cache)
     assert code == 0 and f"imported 9 of 10 plans of {MODEL} (device: {DEVICE})" in stdout
     assert "1 plans have no output yet" in stdout and "notes.txt" in err
+    # the figures the fake trtexec wrote into its logs, read back (nothing is timed here)
     found = LatencyCache(cache).find(backend="trtexec", model=MODEL, plan_key=m.plans[1]["key"], device=DEVICE)
     assert found.median_ms == pytest.approx(figures[m.plans[1]["key"]], rel=1e-5)
     assert found.input_shape == (3, 32, 32) and found.precision == "fp32"
