@@ -1,7 +1,7 @@
 """Lambda-schedule sanity: the same plan trained with progressive fading vs pruned from step 0.
 
 Same baseline, plan, budget (epochs), seed and data; only the lambda schedule
-differs. Run after benchmarks/search_quality.py (it reuses that run's baseline):
+differs. Run after benchmarks/sampler_comparison.py (it reuses that run's baseline):
     python benchmarks/lambda_sanity.py
 """
 from __future__ import annotations

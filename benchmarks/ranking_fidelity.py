@@ -10,8 +10,13 @@ Reported: Kendall tau and Spearman between supernet score and merged top-1 over 
 regret of the search's pick: under a budget at the median latency of the picked plans, the plan with the
 best supernet score vs the best trained top-1 among those within the budget.
 
-Writes results/ranking_fidelity.{csv,md} and results/ranking_fidelity_plans.csv.
-Run: python benchmarks/ranking_fidelity.py [--plans 12] [--epochs 6]
+Variants, each against the same trained top-1s: ways of scoring with the same supernet (more held-out or
+calibration images, a short fine-tune per candidate), and supernets trained from the same baseline another
+way (``--supernets``: uniform or budget-weighted subnet sampling instead of the sandwich rule, twice the
+epochs), with what each costs.
+
+Writes results/NAME.{csv,md} and results/NAME_plans.csv.
+Run: python benchmarks/ranking_fidelity.py [--plans 12] [--epochs 6] [--data DIR --img-size 64 ...]
 """
 from __future__ import annotations
 
@@ -50,8 +55,19 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, help="pick the plans among this many scored random plans, not all 4,096")
     ap.add_argument("--name", default="ranking_fidelity", help="results/NAME.{csv,md}")
+    ap.add_argument("--model", default="convnext_atto")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--baseline-epochs", type=float, default=12)
+    ap.add_argument("--supernet-epochs", type=float, default=4)
+    ap.add_argument("--calib-images", type=int, default=128)
+    ap.add_argument("--eval-images", type=int, default=250)
+    ap.add_argument("--supernets", nargs="*", default=["uniform", "budget", "epochs_x2"],
+                    help="supernet variants trained from the same baseline: uniform, budget, epochs_x2")
     args = ap.parse_args()
-    setup = prepare(args.data, args.run, args.pool)
+    overrides = {"data.img_size": args.img_size, "baseline.epochs": args.baseline_epochs,
+                 "supernet.epochs": args.supernet_epochs, "data.calib_images": args.calib_images,
+                 "data.eval_images": args.eval_images}
+    setup = prepare(args.data, args.run, args.pool, model=args.model, **overrides)
     inp, ex = setup.inp, setup.exhaustive.set_index("pruned")
     val = fixed_batches(inp.splits.val, len(inp.splits.val))
     truth_csv = Path(args.run) / f"ranking_truth_{args.epochs:g}.csv"
@@ -74,7 +90,16 @@ def main() -> None:
         pd.DataFrame(rows).to_csv(truth_csv, index=False)
         print(rows[-1], flush=True)
     plans = pd.DataFrame(rows)
-    summary = pd.DataFrame([fidelity(setup, plans, name, args, **kw) for name, kw in variants(setup).items()])
+    results = [fidelity(setup, plans, name, args, **kw) for name, kw in variants(setup).items()]
+    for name in args.supernets:
+        # same baseline weights, a supernet trained another way; only the unpruned plan is scored up front
+        extra = {"uniform": {"supernet.sampling": "uniform"},
+                 "budget": {"supernet.sampling": "budget", "search.budget_frac": 0.5},
+                 "epochs_x2": {"supernet.epochs": 2 * args.supernet_epochs}}[name]
+        other = prepare(args.data, str(Path(args.run) / f"supernet_{name}"), 1, model=args.model,
+                        **{**overrides, **extra, "checkpoint": str(Path(args.run) / "baseline.pt")})
+        results.append(fidelity(other, plans, f"supernet_{name}", args))
+    summary = pd.DataFrame(results)
     for name in summary.variant:
         plans[f"score_{name}"] = summary.set_index("variant").loc[name, "scores"]
     summary = summary.drop(columns="scores")
@@ -88,12 +113,17 @@ def main() -> None:
                   "scores the same plans against the same trained top-1s; score_s_per_plan is its cost per "
                   f"candidate in a search. Per-plan rows: {args.name}_plans.csv.\n\nCommand: python "
                   f"benchmarks/ranking_fidelity.py --data {args.data} --plans {args.plans} --epochs {args.epochs:g}"
-                  + (f" --pool {args.pool}" if args.pool else ""))
+                  + (f" --pool {args.pool}" if args.pool else "") + f" --model {args.model} --img-size "
+                  f"{args.img_size} --baseline-epochs {args.baseline_epochs:g} --supernet-epochs "
+                  f"{args.supernet_epochs:g} --calib-images {args.calib_images} --eval-images {args.eval_images} "
+                  f"--supernets {' '.join(args.supernets)} --name {args.name} --run {args.run}")
 
 
 def variants(setup) -> dict:
     """Ways of scoring a plan with the supernet: the default, and one change each."""
-    return {"default": {}, "eval_images_1000": {"eval_images": 1000}, "calib_images_512": {"calib_images": 512},
+    d = setup.cfg.data
+    return {"default": {}, f"eval_images_{4 * d.eval_images}": {"eval_images": 4 * d.eval_images},
+            f"calib_images_{4 * d.calib_images}": {"calib_images": 4 * d.calib_images},
             "finetune_20_steps": {"finetune_steps": 20}}
 
 
@@ -117,7 +147,8 @@ def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | No
             "regret_top1": plans.merged_top1[within].max() - plans.merged_top1[pick], "budget_ms": budget,
             "score_s_per_plan": score_s, "calib_images": calib_images or d.calib_images,
             "eval_images": eval_images or d.eval_images, "finetune_steps": finetune_steps,
-            "supernet_epochs": setup.cfg.supernet.epochs, "baseline_val_top1": setup.baseline_top1,
+            "supernet_sampling": setup.cfg.supernet.sampling, "supernet_epochs": setup.cfg.supernet.epochs,
+            "supernet_train_s": setup.supernet_s, "baseline_val_top1": setup.baseline_top1,
             "train_epochs": args.epochs, "val_images": len(inp.splits.val),
             "merged_top1_range": f"{plans.merged_top1.min():.1f}-{plans.merged_top1.max():.1f}", "scores": scores}
 

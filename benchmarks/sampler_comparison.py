@@ -23,25 +23,29 @@ import time
 import optuna
 import pandas as pd
 from common import RESULTS, write_results
-from search_quality import DEFAULT_DATA, hypervolume, prepare
+from search_quality import DEFAULT_DATA, combine, hypervolume, prepare
 
 from updp.pipeline import search as runner
 from updp.pruner import PruningPlan
 from updp.search import study as st
 
 CHECKPOINTS = (25, 50, 100)
+DEFAULT = "gp+distinct+greedy"  # updp's defaults: --sampler gp, always steered, --seeding auto (greedy at 100 trials)
 
 
 def configurations(space, trials: int) -> dict:
+    """name -> (sampler for a seed, greedy seeding)."""
     def distinct(name):
         return lambda seed: st.DistinctSampler(st.make_sampler(name, seed, trials), space, "blocks", seed=seed)
 
-    return {"nsga2": lambda seed: st.make_sampler("nsga2", seed, trials),
-            "nsga2+distinct": distinct("nsga2"), "tpe+distinct": distinct("tpe"),
-            "gp+distinct": distinct("gp"), "random+distinct": distinct("random")}
+    return {"nsga2": (lambda seed: st.make_sampler("nsga2", seed, trials), False),
+            "nsga2+distinct": (distinct("nsga2"), False), "tpe+distinct": (distinct("tpe"), False),
+            "gp+distinct": (distinct("gp"), False), "random+distinct": (distinct("random"), False),
+            "nsga2+distinct+greedy": (distinct("nsga2"), True), "tpe+distinct+greedy": (distinct("tpe"), True),
+            "gp+distinct+greedy": (distinct("gp"), True), "random+distinct+greedy": (distinct("random"), True)}
 
 
-def run_study(setup, sampler, trials: int) -> tuple[pd.DataFrame, float, int]:
+def run_study(setup, sampler, trials: int, greedy: bool = False) -> tuple[pd.DataFrame, float, int]:
     lookup = setup.exhaustive.set_index("pruned")
     model = setup.cfg.model
 
@@ -50,11 +54,12 @@ def run_study(setup, sampler, trials: int) -> tuple[pd.DataFrame, float, int]:
         return {"top1": float(row.score), "loss": float(row.loss)}
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    st.seed_study(study, setup.inp.space, "blocks")
+    seeding = st.Seeding(setup.inp.space, "blocks", greedy)
+    seeding.enqueue(study)
     objective = st.Objective(setup.inp.space, "blocks", scorer, runner.PlanLatency("table", setup.timer, setup.table),
                              None)
     t0 = time.perf_counter()
-    st.optimize(study, objective, trials)
+    st.optimize(study, objective, trials, callbacks=[seeding])
     wall = time.perf_counter() - t0
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     found = pd.DataFrame([{"pruned": st.trial_plan(t, model).to_str(), "score": t.values[0],
@@ -81,11 +86,11 @@ def main() -> None:
     hv_true = hypervolume(ex, ref_score, ref_latency)
     rows = []
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    for name, make in configurations(setup.inp.space, args.trials).items():
+    for name, (make, greedy) in configurations(setup.inp.space, args.trials).items():
         if args.only and name not in args.only:
             continue
         for seed in range(args.seeds):
-            found, overhead, distinct = run_study(setup, make(seed), args.trials)
+            found, overhead, distinct = run_study(setup, make(seed), args.trials, greedy)
             row = {"model": setup.cfg.model, "sampler": name, "seed": seed, "trials": len(found),
                    "distinct_plans": distinct, "overhead_s_per_trial": overhead}
             for k in CHECKPOINTS:
@@ -93,10 +98,15 @@ def main() -> None:
             rows.append(row)
             print(row, flush=True)
     per_seed = pd.DataFrame(rows)
-    per_seed.to_csv(RESULTS / f"{args.name}_seeds.csv", index=False)
+    seeds_csv = RESULTS / f"{args.name}_seeds.csv"
+    if seeds_csv.is_file():  # configurations not run this time keep their earlier rows
+        earlier = pd.read_csv(seeds_csv)
+        per_seed = pd.concat([earlier[~earlier.sampler.isin(per_seed.sampler)], per_seed], ignore_index=True)
+    per_seed.to_csv(seeds_csv, index=False)
     g = per_seed.groupby("sampler", sort=False)
     summary = pd.DataFrame({
-        "model": setup.cfg.model, "sampler": list(g.groups), "trials": args.trials, "seeds": g.size().values,
+        "model": setup.cfg.model, "space_blocks": len(setup.inp.space.names), "plans": len(ex),
+        "sampler": list(g.groups), "trials": args.trials, "seeds": g.size().values,
         **{f"hv_ratio_{k}_mean": g[f"hv_ratio_{k}"].mean().values for k in CHECKPOINTS},
         **{f"hv_ratio_{k}_std": g[f"hv_ratio_{k}"].std().values for k in CHECKPOINTS},
         "distinct_plans_mean": g.distinct_plans.mean().values,
@@ -104,7 +114,7 @@ def main() -> None:
     summary["hv_ratio_mean"] = summary[f"hv_ratio_{args.trials}_mean"]
     summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
     best = summary.hv_ratio_mean.idxmax()
-    summary["is_default"] = summary.sampler == "gp+distinct"  # updp's default: --sampler gp, always steered
+    summary["is_default"] = summary.sampler == DEFAULT
     write_results(args.name, summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
                   f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
@@ -116,7 +126,8 @@ def main() -> None:
                   f"{args.name}_seeds.csv. Space: {len(setup.inp.space.names)} blocks"
                   + (f" (left out: {', '.join(args.keep)})" if args.keep else "") + ".\n\nCommand: python "
                   f"benchmarks/sampler_comparison.py --seeds {args.seeds} --trials {args.trials} --model {args.model}"
-                  + (f" --keep {' '.join(args.keep)}" if args.keep else "") + f" --name {args.name}")
+                  + (f" --keep {' '.join(args.keep)}" if args.keep else "") + f" --name {args.name} --run {args.run}")
+    combine()
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from updp.latency.backends import NAMES
 from updp.latency.base import PRECISIONS
 from updp.pruner.schedule import SCHEDULES
 from updp.search.forms import MODES as FORM_MODES
-from updp.search.study import SAMPLERS, make_sampler
+from updp.search.study import SAMPLERS, SEEDINGS, make_sampler
 from updp.train.progressive_training import FadeConfig
 from updp.train.runtime import RuntimeConfig, resolve
 
 SPACES = ("blocks", "stages")
+SUPERNET_SAMPLING = ("sandwich", "uniform", "budget")
 LATENCY_MODES = ("measure", "table", "hybrid")
 # trtexec: figures imported from a target that only runs trtexec ('updp latency export' / 'import')
 SEARCH_BACKENDS = (*NAMES, "trtexec")
@@ -41,6 +42,9 @@ class SupernetConfig:
     epochs: float = option(3, "supernet training epochs", "--supernet-epochs")
     lr: float = option(1e-3, "supernet learning rate")
     random_plans: int = option(1, "sandwich rule: full + most pruned + this many random plans per step")
+    sampling: str = option("sandwich", "subnets trained each step besides the full model: sandwich (the most pruned "
+                           "plan + random ones), uniform (random ones only), budget (the most pruned + random ones "
+                           "drawn near the latency budget)", "--supernet-sampling", SUPERNET_SAMPLING)
     kd_alpha: float = option(0.5, "weight of the distillation loss")
     kd_temperature: float = option(2.0, "distillation temperature")
 
@@ -78,6 +82,9 @@ class SearchConfig:
                           "sampler (e.g. an OptunaHub one)", "--sampler", metavar="NAME")
     space: str = option("blocks", "one boolean per block, or a pruned count per stage", "--space", SPACES)
     seed: int = option(0, "seed of the sampler, subsets and training", "--seed")
+    seeding: str = option("auto", "first trials: simple seed plans, or also every block alone and then the greedy "
+                          "chain (blocks by top-1 lost per ms saved); auto: greedy in the block space when --trials "
+                          "is at least 3 x the blocks", "--seeding", SEEDINGS)
     latency_budget_ms: float | None = option(None, "latency budget in ms", "--latency-budget-ms", metavar="MS")
     target_speedup: float | None = option(None, "budget = baseline latency / X", "--target-speedup", metavar="X")
     budget_frac: float | None = option(
@@ -152,6 +159,8 @@ def validate(cfg: RunConfig) -> None:
         except UpdpError as e:
             raise ConfigError(f"search.sampler: {e}") from None
     _choice("search.space", cfg.search.space, SPACES)
+    _choice("search.seeding", cfg.search.seeding, SEEDINGS)
+    _choice("supernet.sampling", cfg.supernet.sampling, SUPERNET_SAMPLING)
     _choice("latency.mode", cfg.latency.mode, LATENCY_MODES)
     _choice("latency.backend", cfg.latency.backend, SEARCH_BACKENDS)
     if cfg.latency.backend == "trtexec":
@@ -176,6 +185,9 @@ def validate(cfg: RunConfig) -> None:
                               ("budget_frac", s.budget_frac)) if v is not None]
     if len(budgets) > 1:
         raise ConfigError(f"give one latency budget, not {' and '.join(budgets)}")
+    if cfg.supernet.sampling == "budget" and not budgets:
+        raise ConfigError("--supernet-sampling budget draws subnets near the latency budget: give one "
+                          "(--latency-budget-ms, --target-speedup or --budget-frac), or use sandwich or uniform")
     resolve(cfg.runtime)  # the device, precision, workers and checkpoint period this machine can give
     if t.plan is not None and not t.plan:
         raise ConfigError("train.plan is empty: name at least one block (see 'updp blocks MODEL') or leave it unset")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -186,13 +187,22 @@ def budget(inp: Inputs, table: LatencyTable, predictor=None) -> float | None:
     return ms
 
 
-def train_supernet(inp: Inputs, model: torch.nn.Module) -> Supernet:
+def train_supernet(inp: Inputs, model: torch.nn.Module, predict: Callable[[PruningPlan], float] | None = None,
+                   budget_ms: float | None = None) -> Supernet:
+    """The supernet trained as configured; ``predict`` and ``budget_ms`` serve ``--supernet-sampling budget``."""
     cfg = inp.cfg
     supernet = Supernet(model, inp.space)
+    near = None
+    if predict is not None and budget_ms:
+        def near(plan: PruningPlan) -> float:
+            try:
+                return abs(predict(plan) - budget_ms)
+            except UpdpError:  # a block the table could not time: never the nearest
+                return float("inf")
     tc = TrainConfig(epochs=cfg.supernet.epochs, batch_size=cfg.data.batch_size, lr=cfg.supernet.lr,
                      seed=cfg.search.seed)
     step = supernet.sandwich_step(cfg.supernet.random_plans, cfg.supernet.kd_alpha, cfg.supernet.kd_temperature,
-                                  seed=cfg.search.seed)
+                                  seed=cfg.search.seed, sampling=cfg.supernet.sampling, near=near)
     # a subnet skips the branch its blocks do not use: those parameters take no part in its pass
     Trainer(supernet.model, tc, inp.splits.train, step, inp.run_dir / "supernet.pt",
             metrics_csv=inp.run_dir / "supernet_metrics.csv", desc="supernet", rt=inp.rt,
@@ -270,7 +280,7 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
         with stage(run_dir, "baseline"):
             model = baseline_model(inp)
         with stage(run_dir, "supernet"):
-            supernet = train_supernet(inp, model)
+            supernet = train_supernet(inp, model, (fitted or table).predict, budget_ms)
     s = cfg.search
     worker = st.worker_slot(run_dir)
     base = st.make_sampler(sampler or s.sampler, s.seed, s.trials, worker)
@@ -280,7 +290,9 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
     if target > inp.space.size(s.space):  # every plan once is all a study can complete
         target = inp.space.size(s.space)
         warn(f"the search space holds only {target} distinct plans: searching {target}, not {s.trials}")
-    st.seed_study(study, inp.space, s.space)
+    seeding = st.Seeding(inp.space, s.space, s.seeding == "greedy" or
+                         (s.seeding == "auto" and st.greedy_fits(inp.space, s.space, target)))
+    seeding.enqueue(study)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= target:
         print(f"updp: nothing to do: the study already has {done} completed trials (asked for {s.trials}); "
@@ -299,7 +311,7 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
             print(f"updp: worker {worker} joins the study (sampler seed {st.worker_seed(s.seed, worker)})", flush=True)
         with stage(run_dir, "search"):
             try:
-                counts = st.optimize(study, objective, target, callbacks=[callback])
+                counts = st.optimize(study, objective, target, callbacks=[seeding, callback])
             finally:
                 bar.close()
         print(f"updp: search: {counts['complete']} trials complete, {counts['fail']} failed, {counts['pruned']} "
@@ -318,7 +330,7 @@ def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table
     training = {"training": inp.rt.describe()} if inp else {}
     merge = forms.summary() if forms else "each family's default form (not timed on the target)"
     return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "merge_forms": merge,
-            "model": cfg.model,
+            "model": cfg.model, "supernet_sampling": cfg.supernet.sampling, "seeding": cfg.search.seeding,
             "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
             "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend_name,

@@ -37,7 +37,8 @@ from updp.search.storage import RetryOnce, open_lock, open_storage, redact_url, 
 
 __all__ = ["CandidateFailed", "DistinctSampler", "Objective",
            "fail_stale_trials", "finish_study", "make_sampler", "open_storage",
-           "open_study", "optimize", "redact_url", "retried_trial", "SAMPLERS", "seed_study", "storage_url",
+           "open_study", "optimize", "redact_url", "retried_trial", "SAMPLERS", "SEEDINGS", "Seeding", "greedy_fits",
+           "seed_study", "storage_url",
            "trial_plan",
            "measured_count", "summary_counts", "worker_id", "worker_seed", "worker_slot"]
 
@@ -198,13 +199,118 @@ def open_study(storage, name: str, sampler) -> optuna.Study:
                                directions=["maximize", "minimize"])
 
 
-def seed_study(study: optuna.Study, space: SearchSpace, mode: str) -> None:
-    """Enqueue the unpruned model and a few simple plans, once, in a new study (once among racing workers)."""
-    with study_lock(study):
-        if study.get_trials(deepcopy=False):
+SEEDINGS = ("auto", "greedy", "simple")
+
+
+def greedy_fits(space: SearchSpace, mode: str, target: int) -> bool:
+    """Whether ``--seeding auto`` takes the greedy chains: block mode, and at least 5 trials per block to spend
+    (the chains take about 4 per block)."""
+    return mode == "blocks" and target >= 5 * len(space.names)
+
+
+class Seeding:
+    """The first trials of a new study: simple seed plans, and with ``greedy`` two greedy chains.
+
+    Simple: the unpruned model, the most pruned plan, every other block, one middle block per stage.
+    Greedy (block space only) adds each block pruned alone, and each block of the most pruned plan restored
+    alone. Once those trials are finished, a callback (this object, passed to :func:`optimize`) enqueues
+    two chains, interleaved: from the unpruned end, blocks pruned in order of supernet top-1 lost per
+    millisecond saved (the plans pruning the first 2, 3, ... of them); from the most pruned end, blocks
+    restored in order of top-1 regained per millisecond spent. Together they trace the front from both
+    ends (a supernet can rank heavily pruned plans above lightly pruned ones); the sampler then refines
+    around them. About 4 trials per block; enqueued once among racing workers.
+    """
+
+    def __init__(self, space: SearchSpace, mode: str, greedy: bool = False):
+        self.space, self.mode, self.greedy = space, mode, greedy and mode == "blocks"
+
+    def enqueue(self, study: optuna.Study) -> None:
+        """Enqueue the seed plans, once, in a new study."""
+        with study_lock(study):
+            if study.get_trials(deepcopy=False):
+                return
+            plans = self.space.seed_plans(self.mode)
+            for plan in plans:
+                study.enqueue_trial(self.space.params(plan, self.mode), user_attrs={"seed_plan": True})
+            if self.greedy:
+                most = self._most_pruned()
+                singles = [self.space.plan([n]) for n in self.space.names] + [
+                    self.space.plan(most - {n}) for n in sorted(most)]
+                for plan in dict.fromkeys(singles):
+                    if plan not in plans:
+                        study.enqueue_trial(self.space.params(plan, self.mode), user_attrs={"seed_plan": "single"})
+                study.set_user_attr("greedy_chain", "pending")
+
+    def _most_pruned(self) -> set[str]:
+        return set(self.space.repair(self.space.names).pruned)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if study.user_attrs.get("greedy_chain") != "pending":
             return
-        for plan in space.seed_plans(mode):
-            study.enqueue_trial(space.params(plan, mode), user_attrs={"seed_plan": True})
+        with study_lock(study):
+            trials = study.get_trials(deepcopy=False)
+            if study.user_attrs.get("greedy_chain") != "pending" or any(
+                    t.user_attrs.get("seed_plan") == "single" and t.state in (TrialState.WAITING, TrialState.RUNNING)
+                    for t in trials):
+                return
+            tried = {t.user_attrs.get("plan") for t in trials} | {
+                self.space.from_params(t.params, self.mode).to_str() for t in trials if t.params}
+            for plan in self.chain(trials):
+                if plan.to_str() not in tried:
+                    study.enqueue_trial(self.space.params(plan, self.mode), user_attrs={"seed_plan": "greedy"})
+            study.set_user_attr("greedy_chain", "enqueued")
+
+    def chain(self, trials: list[optuna.trial.FrozenTrial]) -> list[PruningPlan]:
+        """Both greedy chains from these trials' single-block results, interleaved (blocks without one go last)."""
+        done = {trial_plan(t, self.space.model): t.values for t in trials if t.state == TrialState.COMPLETE}
+        forward = self._forward(done)
+        backward = self._backward(done)
+        plans = [p for pair in zip(forward, backward) for p in pair]
+        plans += forward[len(backward):] + backward[len(forward):]
+        return list(dict.fromkeys(plans))
+
+    def _forward(self, done: dict) -> list[PruningPlan]:
+        """From the unpruned plan: prune blocks in order of top-1 lost per ms saved (a full stage passed over)."""
+        base = done.get(self.space.plan())
+        if base is None:
+            return []
+
+        def lost_per_ms(name: str) -> float:  # a block without a result, or saving nothing, goes last
+            values = done.get(self.space.plan([name]))
+            if values is None or base[1] - values[1] <= 0:
+                return float("inf")
+            return (base[0] - values[0]) / (base[1] - values[1])
+
+        order = sorted(self.space.names, key=lost_per_ms)
+        stage = {b.name: b.stage for b in self.space.candidates}
+        chosen, plans = [], []
+        for name in order:
+            if sum(stage[n] == stage[name] for n in chosen) < self.space.cap(stage[name]):
+                chosen.append(name)
+                if len(chosen) > 1:
+                    plans.append(self.space.plan(chosen))
+        return plans
+
+    def _backward(self, done: dict) -> list[PruningPlan]:
+        """From the most pruned plan: restore blocks in order of top-1 regained per ms spent (most first)."""
+        most = self._most_pruned()
+        base = done.get(self.space.plan(most))
+        if base is None:
+            return []
+
+        def regained_per_ms(name: str) -> float:  # a block without a result, or costing nothing, goes last
+            values = done.get(self.space.plan(most - {name}))
+            if values is None or values[1] - base[1] <= 0:
+                return float("-inf")
+            return (values[0] - base[0]) / (values[1] - base[1])
+
+        order = sorted(sorted(most), key=regained_per_ms, reverse=True)
+        return [self.space.plan(most - set(order[:k])) for k in range(2, len(order))]
+
+
+def seed_study(study: optuna.Study, space: SearchSpace, mode: str) -> None:
+    """Enqueue the simple seed plans once in a new study (:class:`Seeding` without the greedy chain)."""
+    Seeding(space, mode).enqueue(study)
 
 
 # --- stale trials and retries -----------------------------------------------------------------

@@ -115,3 +115,27 @@ def test_config_file_errors(capsys, tmp_path):
     assert "unknown config key 'search.trails'" in _error(capsys, "search", "--config", cfg)
     assert "no dataset given" in _error(capsys, "search", "--model", "test_convnext", "--run", tmp_path / "r")
     assert "not an updp run directory" in _error(capsys, "search", "--resume", tmp_path)
+
+
+@pytest.mark.slow
+def test_greedy_seeding_and_budget_weighted_supernet_through_a_whole_search(capsys, tmp_path, data_dir):
+    import optuna
+
+    run_dir = tmp_path / "run"
+    code, out, err = run(capsys, "search", *FAST, "--data", data_dir, "--run", run_dir, "--trials", "45",
+                         "--seeding", "auto", "--supernet-sampling", "budget", "--budget-frac", "0.5",
+                         "--latency-mode", "table", "--fit-plans", "0", "--merge-forms", "default")
+    assert code == 0, err
+    study = optuna.load_study(study_name="updp", storage=f"sqlite:///{run_dir / 'study.db'}")
+    assert study.user_attrs["greedy_chain"] == "enqueued"  # 45 trials >= 5 x 9 blocks: auto is greedy
+    tags = [t.user_attrs.get("seed_plan") for t in study.trials]
+    singles = [t for t, tag in zip(study.trials, tags) if tag == "single"]
+    chain = [t for t, tag in zip(study.trials, tags) if tag == "greedy"]
+    assert len(singles) == 9 + 9 and all(t.state.name == "COMPLETE" for t in singles)
+    assert chain and min(t.number for t in chain) > max(t.number for t in singles)
+    plans = [t.user_attrs["plan"] for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(plans) == len(set(plans)) == 45
+    report = (run_dir / "report.md").read_text()
+    assert "budget" in report and "seeding" in report
+    metrics = pd.read_csv(run_dir / "supernet_metrics.csv")
+    assert metrics.train_sub_loss.gt(0).all()

@@ -75,3 +75,40 @@ def test_bn_recalibration_is_a_plain_average():
     x = torch.cat([d for d, _ in data])
     torch.testing.assert_close(bn_model[0].running_mean, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
     assert bn_model[0].momentum == 0.1
+
+
+def test_uniform_sampling_draws_random_plans_only():
+    sn = _supernet()
+    rng_a, rng_b = __import__("random").Random(3), __import__("random").Random(3)
+    sandwich = [sn.plans(rng_a, 2) for _ in range(20)]
+    uniform = [sn.plans(rng_b, 2, "uniform") for _ in range(20)]
+    most = len(sn.space.names)
+    assert all(len(p) == 3 and len(p[0]) == most for p in sandwich)  # the sandwich's lower bound every step
+    assert all(len(p) == 3 for p in uniform) and sum(len(p[0]) == most for p in uniform) < 3
+
+
+def test_budget_sampling_draws_plans_near_the_budget():
+    import random
+
+    sn = _supernet()
+    want = 3  # "latency" = number of blocks left unpruned, budget: 3 of them
+
+    def near(plan):
+        return abs(len(sn.space.names) - len(plan) - want)
+
+    budget = [p for _ in range(50) for p in sn.plans(random.Random(_), 1, "budget", near)[1:]]
+    uniform = [p for _ in range(50) for p in sn.plans(random.Random(_), 1, "uniform")]
+    assert sum(map(near, budget)) < 0.5 * sum(map(near, uniform))
+    assert all(len(sn.plans(random.Random(k), 1, "budget", near)[0]) == len(sn.space.names) for k in range(5))
+
+
+def test_budget_sampling_trains_a_step():
+    sn = _supernet()
+    sn.model.train()
+    step = sn.sandwich_step(random_plans=1, sampling="budget", near=lambda plan: abs(len(plan) - 4))
+    x, y = _batches(1)[0]
+    ctx = StepContext(sn.model, CPU, CPU.grad_scaler())
+    info = step(ctx, x, y, 0)
+    assert info["sub_loss"] > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sn.model.parameters())
+    assert all(b.lam == 1.0 for b in progressive_blocks(sn.model).values())  # left unpruned

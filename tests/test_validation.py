@@ -65,6 +65,9 @@ CONFIGS = {
     "precision": ("latency:\n  precision: fp8\n", "latency.precision must be one of"),
     "empty plan": ("train:\n  plan: []\n", "train.plan is empty"),
     "two budgets": ("search:\n  target_speedup: 1.2\n  budget_frac: 0.5\n", "give one latency budget"),
+    "seeding": ("search:\n  seeding: smart\n", "search.seeding must be one of auto, greedy, simple"),
+    "supernet sampling": ("supernet:\n  sampling: fair\n", "supernet.sampling must be one of sandwich, uniform"),
+    "budget sampling, no budget": ("supernet:\n  sampling: budget\n", "draws subnets near the latency budget"),
 }
 
 
