@@ -19,6 +19,12 @@ def context() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+def shown(path: str) -> str:
+    """A path as a command line in results/ should show it: relative to the repository when inside it."""
+    full = Path(path).resolve()
+    return str(full.relative_to(RESULTS.parent)) if full.is_relative_to(RESULTS.parent) else str(path)
+
+
 def write_results(name: str, df: pd.DataFrame, title: str, notes: str = "") -> None:
     """``results/NAME.csv`` and ``results/NAME.md`` (title, notes, table, the run's context; also printed)."""
     RESULTS.mkdir(exist_ok=True)

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import RESULTS, write_results
+from common import RESULTS, shown, write_results
 from search_quality import DEFAULT_DATA, prepare
 
 from updp.pruner import PruningPlan, merge_model
@@ -54,16 +54,21 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=6, help="progressive training epochs per plan (the demo's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, help="pick the plans among this many scored random plans, not all 4,096")
-    ap.add_argument("--name", default="ranking_fidelity", help="results/NAME.{csv,md}")
+    ap.add_argument("--name", default="ranking_fidelity_demo", help="results/NAME.{csv,md}")
+    ap.add_argument("--combine", action="store_true", help="only rebuild results/ranking_fidelity.{csv,md}")
     ap.add_argument("--model", default="convnext_atto")
     ap.add_argument("--img-size", type=int, default=32)
     ap.add_argument("--baseline-epochs", type=float, default=12)
     ap.add_argument("--supernet-epochs", type=float, default=4)
     ap.add_argument("--calib-images", type=int, default=128)
     ap.add_argument("--eval-images", type=int, default=250)
+    ap.add_argument("--noise-seeds", type=int, default=2,
+                    help="train the first plan again with this many other seeds: the ground truth's noise floor")
     ap.add_argument("--supernets", nargs="*", default=["uniform", "budget", "epochs_x2"],
                     help="supernet variants trained from the same baseline: uniform, budget, epochs_x2")
     args = ap.parse_args()
+    if args.combine:
+        return combine()
     overrides = {"data.img_size": args.img_size, "baseline.epochs": args.baseline_epochs,
                  "supernet.epochs": args.supernet_epochs, "data.calib_images": args.calib_images,
                  "data.eval_images": args.eval_images}
@@ -76,19 +81,23 @@ def main() -> None:
     for text in pick_plans(setup.exhaustive, args.plans, args.seed):
         if text in set(done.get("pruned", [])):
             continue
-        plan = PruningPlan.from_str(setup.cfg.model, text)
-        out = Path(args.run) / f"rank_{plan.key}"
-        out.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        student = train_plan(setup.baseline, plan, inp.splits, FadeConfig(epochs=args.epochs), out,
-                             batch_size=setup.cfg.data.batch_size, seed=args.seed, desc=f"{len(plan)} pruned")
-        recalibrate_bn(student, fixed_batches(inp.splits.train_eval, 1024, args.seed))
-        top1 = evaluate(merge_model(student.eval()), val)["top1"]
-        rows.append({"pruned": text, "n_pruned": len(plan), "latency_ms": float(ex.loc[text, "latency_ms"]),
-                     "supernet_top1": float(ex.loc[text, "score"]), "merged_top1": top1,
-                     "train_s": time.perf_counter() - t0})
+        top1, train_s = trained_top1(setup, text, args.seed, args.epochs, val, Path(args.run))
+        rows.append({"pruned": text, "n_pruned": text.count(",") + 1, "latency_ms": float(ex.loc[text, "latency_ms"]),
+                     "supernet_top1": float(ex.loc[text, "score"]), "merged_top1": top1, "train_s": train_s})
         pd.DataFrame(rows).to_csv(truth_csv, index=False)
         print(rows[-1], flush=True)
+    # the noise floor of the ground truth: the first plan trained again with other seeds
+    noise_csv = Path(args.run) / f"ranking_noise_{args.epochs:g}.csv"
+    noise = pd.read_csv(noise_csv, keep_default_na=False).to_dict("records") if noise_csv.is_file() else []
+    first = rows[0]
+    for seed in range(args.seed + 1, args.seed + 1 + args.noise_seeds):
+        if any(r["seed"] == seed for r in noise):
+            continue
+        top1, _ = trained_top1(setup, first["pruned"], seed, args.epochs, val, Path(args.run))
+        noise.append({"pruned": first["pruned"], "seed": seed, "merged_top1": top1})
+        pd.DataFrame(noise).to_csv(noise_csv, index=False)
+    noise_top1 = [first["merged_top1"]] + [r["merged_top1"] for r in noise if r["seed"] <= args.seed + args.noise_seeds]
+    args.noise_std = float(pd.Series(noise_top1).std()) if len(noise_top1) > 1 else float("nan")
     plans = pd.DataFrame(rows)
     results = [fidelity(setup, plans, name, args, **kw) for name, kw in variants(setup).items()]
     for name in args.supernets:
@@ -111,12 +120,51 @@ def main() -> None:
                   f"{len(inp.splits.val)} validation images. Regret: budget = median latency of the plans; the "
                   "plan with the best supernet score under it vs the best trained top-1 under it. Each variant "
                   "scores the same plans against the same trained top-1s; score_s_per_plan is its cost per "
-                  f"candidate in a search. Per-plan rows: {args.name}_plans.csv.\n\nCommand: python "
-                  f"benchmarks/ranking_fidelity.py --data {args.data} --plans {args.plans} --epochs {args.epochs:g}"
+                  "candidate in a search, supernet_train_s what training its supernet took. truth_seed_std: the "
+                  f"std of the first plan's trained top-1 over {args.noise_seeds + 1} training seeds, the noise "
+                  f"floor of the ground truth (range of the {len(plans)} trained top-1s: "
+                  f"{plans.merged_top1.max() - plans.merged_top1.min():.2f} points). Per-plan rows: "
+                  f"{args.name}_plans.csv.\n\nCommand: python benchmarks/ranking_fidelity.py --data "
+                  f"{shown(args.data)} --plans {args.plans} --epochs {args.epochs:g}"
                   + (f" --pool {args.pool}" if args.pool else "") + f" --model {args.model} --img-size "
                   f"{args.img_size} --baseline-epochs {args.baseline_epochs:g} --supernet-epochs "
                   f"{args.supernet_epochs:g} --calib-images {args.calib_images} --eval-images {args.eval_images} "
-                  f"--supernets {' '.join(args.supernets)} --name {args.name} --run {args.run}")
+                  f"--supernets {' '.join(args.supernets)} --noise-seeds {args.noise_seeds} --name {args.name} "
+                  f"--run {args.run}")
+    combine()
+
+
+def combine() -> None:
+    """results/ranking_fidelity.{csv,md}: every dataset's run (results/ranking_fidelity_*.csv) in one table."""
+    parts = sorted(p for p in RESULTS.glob("ranking_fidelity_*.csv") if not p.stem.endswith("_plans"))
+    table = pd.concat([pd.read_csv(p).assign(run=p.stem) for p in parts], ignore_index=True)
+    cols = ["model", "dataset", "img_size", "plans", "variant", "kendall_tau", "spearman", "regret_top1",
+            "truth_seed_std", "merged_top1_range", "baseline_val_top1", "train_epochs", "score_s_per_plan",
+            "supernet_train_s", "run"]
+    table = table[[c for c in cols if c in table.columns]]
+    commands = "\n".join(f"- {p.stem}: `{p.with_suffix('.md').read_text().split('Command: ', 1)[1].splitlines()[0]}`"
+                          for p in parts)
+    write_results("ranking_fidelity", table, "Ranking fidelity: supernet score vs trained, merged top-1",
+                  "Per run: 12 plans (half along the exhaustive or pooled front, half dominated), each trained with "
+                  "updp's progressive training (same budget and seed), merged, top-1 on the validation split; "
+                  "Kendall tau and Spearman between each variant's supernet score and that top-1; regret: trained "
+                  "top-1 of the best-scored plan under the median latency vs the best trained one there. "
+                  "truth_seed_std: the first plan retrained with 2 more seeds (std of its top-1), the noise floor "
+                  "against merged_top1_range. Details: the ranking_fidelity_*.md files.\n\nCommands (`python "
+                  f"benchmarks/ranking_fidelity.py --combine` rebuilds this table):\n{commands}")
+
+
+def trained_top1(setup, text: str, seed: int, epochs: float, val, run: Path) -> tuple[float, float]:
+    """Merged top-1 on ``val`` of the plan ``text`` after updp's progressive training; seconds it took."""
+    inp = setup.inp
+    plan = PruningPlan.from_str(setup.cfg.model, text)
+    out = run / (f"rank_{plan.key}" if seed == 0 else f"rank_{plan.key}_seed{seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    student = train_plan(setup.baseline, plan, inp.splits, FadeConfig(epochs=epochs), out,
+                         batch_size=setup.cfg.data.batch_size, seed=seed, desc=f"{len(plan)} pruned, seed {seed}")
+    recalibrate_bn(student, fixed_batches(inp.splits.train_eval, 1024, seed))
+    return evaluate(merge_model(student.eval()), val)["top1"], time.perf_counter() - t0
 
 
 def variants(setup) -> dict:
@@ -150,7 +198,8 @@ def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | No
             "supernet_sampling": setup.cfg.supernet.sampling, "supernet_epochs": setup.cfg.supernet.epochs,
             "supernet_train_s": setup.supernet_s, "baseline_val_top1": setup.baseline_top1,
             "train_epochs": args.epochs, "val_images": len(inp.splits.val),
-            "merged_top1_range": f"{plans.merged_top1.min():.1f}-{plans.merged_top1.max():.1f}", "scores": scores}
+            "merged_top1_range": f"{plans.merged_top1.min():.1f}-{plans.merged_top1.max():.1f}",
+            "truth_seed_std": args.noise_std, "scores": scores}
 
 
 if __name__ == "__main__":

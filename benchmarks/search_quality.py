@@ -90,10 +90,11 @@ def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext
     baseline = rundir.baseline_model(inp)
     baseline_top1 = evaluate(baseline, fixed_batches(inp.splits.val, 1000))["top1"]
     t0, timing = time.perf_counter(), run_dir / "supernet_train_s.json"
+    fresh = not (run_dir / "supernet.pt").exists()
     supernet = runner.train_supernet(inp, copy.deepcopy(baseline), table.predict, runner.budget(inp, table))
-    if not timing.is_file():  # the first call trains it; later ones load the finished checkpoint
+    if fresh:  # trained in one go here (a resumed or older supernet's time is unknown)
         timing.write_text(json.dumps(time.perf_counter() - t0))
-    supernet_s = json.loads(timing.read_text())
+    supernet_s = json.loads(timing.read_text()) if timing.is_file() else float("nan")
     calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images)
     held = fixed_batches(inp.splits.held_out, cfg.data.eval_images)
     names = inp.space.names
