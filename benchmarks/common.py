@@ -19,6 +19,16 @@ def context() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+def require_data(path: str) -> None:
+    """Exit cleanly (status 0, one line) when a dataset the benchmark reads is not on this machine.
+
+    Datasets under other terms (Imagenette: ImageNet's) are read where they are, never copied into the project.
+    """
+    if not Path(path).exists():
+        print(f"skipped: dataset {path} is not on this machine")
+        raise SystemExit(0)
+
+
 def shown(path: str) -> str:
     """A path as a command line in results/ should show it: relative to the repository when inside it."""
     full = Path(path).resolve()
@@ -34,3 +44,18 @@ def write_results(name: str, df: pd.DataFrame, title: str, notes: str = "") -> N
     md = f"# {title}\n\n{notes}\n\n{table}\n\nContext:\n{ctx}\n"
     (RESULTS / f"{name}.md").write_text(md)
     print(md)
+
+
+def combine_results(name: str, parts_glob: str, skip_suffix: str, cols: list[str], title: str, notes: str,
+                    rebuild: str) -> pd.DataFrame:
+    """``results/NAME.{csv,md}``: the result tables ``parts_glob`` matches (not ``*SKIP_SUFFIX``) in one table,
+    ``cols`` of them (those present) plus ``run`` (the part's name), with each part's command listed."""
+    parts = sorted(p for p in RESULTS.glob(parts_glob) if not p.stem.endswith(skip_suffix))
+    if not parts:
+        raise SystemExit(f"no results/{parts_glob} yet: run the benchmark first")
+    table = pd.concat([pd.read_csv(p).assign(run=p.stem) for p in parts], ignore_index=True)
+    table = table[[c for c in [*cols, "run"] if c in table.columns]]
+    commands = "\n".join(f"- {p.stem}: `{p.with_suffix('.md').read_text().split('Command: ', 1)[1].splitlines()[0]}`"
+                          for p in parts)
+    write_results(name, table, title, f"{notes}\n\nCommands (`{rebuild}` rebuilds this table):\n{commands}")
+    return table

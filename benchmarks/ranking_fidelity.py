@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-from common import RESULTS, shown, write_results
+from common import RESULTS, combine_results, require_data, shown, write_results
 from search_quality import DEFAULT_DATA, prepare
 
 from updp.pruner import PruningPlan, merge_model
@@ -72,6 +72,7 @@ def main() -> None:
     overrides = {"data.img_size": args.img_size, "baseline.epochs": args.baseline_epochs,
                  "supernet.epochs": args.supernet_epochs, "data.calib_images": args.calib_images,
                  "data.eval_images": args.eval_images}
+    require_data(args.data)
     setup = prepare(args.data, args.run, args.pool, model=args.model, **overrides)
     inp, ex = setup.inp, setup.exhaustive.set_index("pruned")
     val = fixed_batches(inp.splits.val, len(inp.splits.val))
@@ -136,23 +137,18 @@ def main() -> None:
 
 def combine() -> None:
     """results/ranking_fidelity.{csv,md}: every dataset's run (results/ranking_fidelity_*.csv) in one table."""
-    parts = sorted(p for p in RESULTS.glob("ranking_fidelity_*.csv") if not p.stem.endswith("_plans"))
-    table = pd.concat([pd.read_csv(p).assign(run=p.stem) for p in parts], ignore_index=True)
-    cols = ["model", "dataset", "img_size", "plans", "variant", "kendall_tau", "spearman", "regret_top1",
-            "truth_seed_std", "merged_top1_range", "baseline_val_top1", "train_epochs", "score_s_per_plan",
-            "supernet_train_s", "run"]
-    table = table[[c for c in cols if c in table.columns]]
-    commands = "\n".join(f"- {p.stem}: `{p.with_suffix('.md').read_text().split('Command: ', 1)[1].splitlines()[0]}`"
-                          for p in parts)
-    write_results("ranking_fidelity", table, "Ranking fidelity: supernet score vs trained, merged top-1",
-                  "Per run: 12 plans (half along the exhaustive or pooled front, half dominated), each trained with "
-                  "updp's progressive training (same budget and seed), merged, top-1 on the validation split; "
-                  "Kendall tau and Spearman between each variant's supernet score and that top-1; regret: trained "
-                  "top-1 of the best-scored plan under the median latency vs the best trained one there. "
-                  "truth_seed_std: the first plan retrained with 2 more seeds (std of its top-1), the noise floor "
-                  "against merged_top1_range. Details: the ranking_fidelity_*.md files.\n\nCommands (`python "
-                  f"benchmarks/ranking_fidelity.py --combine` rebuilds this table):\n{commands}")
-
+    combine_results(
+        "ranking_fidelity", "ranking_fidelity_*.csv", "_plans",
+        ["model", "dataset", "img_size", "plans", "variant", "kendall_tau", "spearman", "regret_top1",
+         "truth_seed_std", "merged_top1_range", "baseline_val_top1", "train_epochs", "score_s_per_plan",
+         "supernet_train_s"],
+        "Ranking fidelity: supernet score vs trained, merged top-1",
+        "Per run: 12 plans (half along the exhaustive or pooled front, half dominated), each trained with updp's "
+        "progressive training (same budget and seed), merged, top-1 on the validation split; Kendall tau and "
+        "Spearman between each variant's supernet score and that top-1; regret: trained top-1 of the best-scored "
+        "plan under the median latency vs the best trained one there. truth_seed_std: the first plan retrained "
+        "with 2 more seeds (std of its top-1), the noise floor against merged_top1_range. Details: the "
+        "ranking_fidelity_*.md files.", "python benchmarks/ranking_fidelity.py --combine")
 
 def trained_top1(setup, text: str, seed: int, epochs: float, val, run: Path) -> tuple[float, float]:
     """Merged top-1 on ``val`` of the plan ``text`` after updp's progressive training; seconds it took."""

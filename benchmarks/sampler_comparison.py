@@ -22,7 +22,7 @@ import time
 
 import optuna
 import pandas as pd
-from common import RESULTS, write_results
+from common import RESULTS, require_data, write_results
 from search_quality import DEFAULT_DATA, combine, hypervolume, prepare
 
 from updp.pipeline import search as runner
@@ -80,6 +80,7 @@ def main() -> None:
     ap.add_argument("--keep", nargs="*", default=[], help="blocks left out of the space (a subset of a larger one)")
     ap.add_argument("--name", default="search_quality_samplers", help="results/NAME.{csv,md}")
     args = ap.parse_args()
+    require_data(args.data)
     setup = prepare(args.data, args.run, model=args.model, keep=args.keep)
     ex = setup.exhaustive
     ref_score, ref_latency = ex.score.min(), ex.latency_ms.max() * 1.01

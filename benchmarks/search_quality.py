@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import RESULTS, write_results
+from common import combine_results
 from tqdm import tqdm
 
 from updp.core.config import from_dict
@@ -120,26 +120,18 @@ def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext
 
 def combine() -> pd.DataFrame:
     """results/search_quality.{csv,md}: every space's sampler comparison (``sampler_comparison.py``) in one table."""
-    parts = sorted(p for p in RESULTS.glob("search_quality_samplers*.csv") if not p.stem.endswith("_seeds"))
-    if not parts:
-        raise SystemExit("no sampler comparison yet: run benchmarks/sampler_comparison.py first")
-    table = pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
-    cols = ["model", "space_blocks", "plans", "sampler", "trials", "seeds", "hv_ratio_mean", "hv_ratio_std",
-            "hv_ratio_25_mean", "hv_ratio_50_mean", "distinct_plans_mean", "overhead_s_per_trial", "is_default"]
-    table = table[[c for c in cols if c in table.columns]]
-    commands = "\n".join(f"- {p.stem}: `{p.with_suffix('.md').read_text().split('Command: ', 1)[1].splitlines()[0]}`"
-                          for p in parts)
-    write_results("search_quality", table, "Search quality: samplers vs the exhaustive Pareto front",
-                  "Hypervolume of the front each sampler configuration finds in `trials` COMPLETE trials, divided by "
-                  "the exhaustive front's (every plan of the space scored with the same supernet and priced by the "
-                  "same latency table; mean and std over `seeds` seeds; hv_ratio_25/50: after 25 and 50 trials). "
-                  "distinct_plans_mean: distinct plans / trials started. overhead_s_per_trial: the study loop's "
-                  "own seconds per trial (the scoring look-up is ~0). is_default: updp's default search "
-                  "configuration (`--sampler gp`, repeats steered away, `--seeding auto`: greedy at 100 trials). "
-                  "Details and per-seed rows: the search_quality_samplers*.md files.\n\nCommands (then `python "
-                  f"benchmarks/search_quality.py` rebuilds this table):\n{commands}")
-    return table
-
+    return combine_results(
+        "search_quality", "search_quality_samplers*.csv", "_seeds",
+        ["model", "space_blocks", "plans", "sampler", "trials", "seeds", "hv_ratio_mean", "hv_ratio_std",
+         "hv_ratio_25_mean", "hv_ratio_50_mean", "distinct_plans_mean", "overhead_s_per_trial", "is_default"],
+        "Search quality: samplers vs the exhaustive Pareto front",
+        "Hypervolume of the front each sampler configuration finds in `trials` COMPLETE trials, divided by the "
+        "exhaustive front's (every plan of the space scored with the same supernet and priced by the same latency "
+        "table; mean and std over `seeds` seeds; hv_ratio_25/50: after 25 and 50 trials). distinct_plans_mean: "
+        "distinct plans / trials started. overhead_s_per_trial: the study loop's own seconds per trial (the "
+        "scoring look-up is ~0). is_default: updp's default search configuration (`--sampler gp`, repeats steered "
+        "away, `--seeding auto`: greedy at 100 trials). Details and per-seed rows: the "
+        "search_quality_samplers*.md files.", "python benchmarks/search_quality.py")
 
 if __name__ == "__main__":
     combine()

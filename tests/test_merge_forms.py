@@ -42,7 +42,8 @@ class CostTarget(LatencyBackend):
     def cost(self, m: nn.Conv2d) -> float:
         return 1.0 if m.groups > 1 or m.kernel_size[0] == 1 else 4.0
 
-    def load(self, target: nn.Module, cfg: MeasureConfig) -> None:
+    def figure(self, target: nn.Module) -> float:
+        """The model's cost in "ms": a fixed function of its layers."""
         total = 0.0
         for m in target.modules():
             if isinstance(m, nn.Conv2d):
@@ -50,7 +51,10 @@ class CostTarget(LatencyBackend):
                 total += macs * self.cost(m) / m.stride[0] ** 2
             elif isinstance(m, nn.Linear):
                 total += m.in_features * m.out_features
-        self.ms = total / 1e6
+        return total / 1e6
+
+    def load(self, target: nn.Module, cfg: MeasureConfig) -> None:
+        self.ms = self.figure(target)
 
     def run_once(self) -> float:
         return self.ms
@@ -145,12 +149,15 @@ def test_every_form_choice_is_timed_for_real_on_onnxruntime():
 def test_plans_are_timed_in_their_chosen_forms_and_cached_apart():
     timer, specs = _timer("test_convnext", GpuLikeTarget)
     plan = PruningPlan("test_convnext", {specs[0].name})
-    default = timer.measure_many([plan])[0].median_ms
+    model = GpuLikeTarget()
+    in_default_form = model.figure(timer.merged(plan))
+    assert timer.measure_many([plan])[0].median_ms == pytest.approx(in_default_form)
     key_default = timer.key(plan)
     timer.forms = {specs[0].name: "dense"}
-    # the cost model's figure, a fixed function of the convolutions (no clock): the dense form costs less here
-    assert timer.measure_many([plan])[0].median_ms < default
-    assert timer.key(plan) != key_default
+    in_dense_form = model.figure(timer.merged(plan))
+    assert in_dense_form != pytest.approx(in_default_form)  # the plan is merged in another form...
+    assert timer.measure_many([plan])[0].median_ms == pytest.approx(in_dense_form)  # ...and figured in it
+    assert timer.key(plan) != key_default  # and cached apart
 
 
 def test_a_merged_checkpoint_keeps_its_forms(tmp_path, float64):
