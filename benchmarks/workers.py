@@ -1,7 +1,8 @@
 """Trials per hour with 1 and 2 workers sharing one study, on PostgreSQL and on a journal file.
 
 Each worker is a fresh process with 1 torch thread running the real search
-code (``open_storage``, ``worker_slot``, ``make_sampler``, ``Objective``,
+code as ``updp search`` runs it (``open_storage``, ``worker_slot``, the
+pipeline's ``worker_sampler`` and ``study_seeding``, ``Objective``,
 ``optimize``) over convnext_atto's blocks; a trial costs a fixed CPU load
 (forward passes of the unpruned model) so that 2 workers can use 2 cores. The
 clock starts when every worker is past its imports and stops when the last one
@@ -54,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def worker(args: argparse.Namespace, url: str, work_dir: Path) -> None:
     import torch
 
+    from updp.pipeline.search import study_seeding, worker_sampler
     from updp.pruner import create_model, find_blocks
     from updp.search import study as st
     from updp.search.space import SearchSpace
@@ -77,11 +79,14 @@ def worker(args: argparse.Namespace, url: str, work_dir: Path) -> None:
         for _ in range(args.trials // args.n_workers):
             scorer(frozenset())
     else:
-        study = st.open_study(st.open_storage(url, work_dir), "bench",
-                              st.make_sampler("nsga2", 0, args.trials, st.worker_slot(work_dir)))
+        # as run_search: the sampler seeded by this worker's slot and steered off tried plans, seed plans first
+        sampler = worker_sampler("nsga2", space, "blocks", 0, args.trials, st.worker_slot(work_dir))
+        study = st.open_study(st.open_storage(url, work_dir), "bench", sampler)
+        seeding = study_seeding(space, "blocks", "auto", args.trials)
+        seeding.enqueue(study)
         objective = st.Objective(space, "blocks", scorer, latency, budget_ms=None)
         _at_go(work_dir)
-        st.optimize(study, objective, args.trials)
+        st.optimize(study, objective, args.trials, callbacks=[seeding])
     (work_dir / f"done-{os.getpid()}").write_text(repr(time.monotonic()))
 
 
@@ -123,7 +128,7 @@ def study_figures(url: str, work_dir: Path) -> dict:
     study = st.open_study(st.open_storage(url, work_dir), "bench", None)
     counts = st.summary_counts(study)
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    plans = Counter(t.user_attrs["plan_key"] for t in complete)
+    plans = Counter(t.user_attrs["plan"] for t in complete)
     return {**counts, "lost": counts["running"] + counts["waiting"],
             "plans_evaluated_twice": sum(c - 1 for c in plans.values()),
             "score_s_mean": sum(t.user_attrs["score_s"] for t in complete) / max(1, len(complete))}
@@ -174,14 +179,19 @@ def notes(args: argparse.Namespace) -> str:
     import psycopg2
     import sqlalchemy
 
+    default = vars(parse_args([]))
+    changed = "".join(f" --{k} {getattr(args, k)}" for k in ("model", "img", "batch", "passes")
+                      if getattr(args, k) != default[k])
     return (f"Trial: {args.passes} forward passes of {args.model} (batch {args.batch}, {args.img} px, fp32, "
             f"1 torch thread per worker; score_s_mean is its measured cost) plus the study's own work "
-            f"(sampling, duplicate check, storage). {args.trials} COMPLETE trials per run; NSGA-II, each worker "
-            f"seeded by its slot; clock from the moment all workers are ready to the last one done. "
+            f"(sampling, duplicate check, storage). {args.trials} COMPLETE trials per run; NSGA-II as "
+            f"`updp search` runs it (seeded by the worker's slot, steered off plans the study holds, seed plans "
+            f"first); clock from the moment all workers are ready to the last one done. "
             f"trials_per_hour counts COMPLETE trials. Machine: {platform.machine()}, {os.cpu_count()} cores "
             f"(shared with other users: load_avg_before is the 1-minute load average before each storage); "
             f"optuna {optuna.__version__}, SQLAlchemy {sqlalchemy.__version__}, psycopg2 "
-            f"{psycopg2.__version__.split()[0]}.")
+            f"{psycopg2.__version__.split()[0]}.\n\nCommand: python benchmarks/workers.py --trials {args.trials} "
+            f"--workers {args.workers} --storages {args.storages}{changed}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ from updp.search.forms import FormPlan, plan_forms
 from updp.search.remote import ImportedTimer, calibration_plans, needed_plans
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
+from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
 from updp.search.timing import PlanTimer, block_groups, single_block_ratios
 from updp.train.data import fixed_batches
@@ -262,6 +263,19 @@ def _progress(total: int):
     return callback, bar
 
 
+def worker_sampler(sampler: str | optuna.samplers.BaseSampler, space: SearchSpace, mode: str, seed: int,
+                   trials: int, worker: int) -> st.DistinctSampler:
+    """The sampler of one worker of a study: ``sampler`` seeded by the worker's slot (workers sharing a study
+    propose different plans), steered away from the plans the study holds."""
+    base = st.make_sampler(sampler, seed, trials, worker)
+    return st.DistinctSampler(base, space, mode, seed=st.worker_seed(seed, worker))
+
+
+def study_seeding(space: SearchSpace, mode: str, seeding: str, target: int) -> st.Seeding:
+    """The first trials of a new study for ``--seeding`` (auto: greedy when ``target`` trials allow it)."""
+    return st.Seeding(space, mode, seeding == "greedy" or (seeding == "auto" and st.greedy_fits(space, mode, target)))
+
+
 def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampler | None = None) -> dict:
     """Every stage of ``updp search``; ``sampler`` (Python only) replaces the configured one."""
     prepare_run_dir(run_dir)
@@ -283,15 +297,13 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
             supernet = train_supernet(inp, model, (fitted or table).predict, budget_ms)
     s = cfg.search
     worker = st.worker_slot(run_dir)
-    base = st.make_sampler(sampler or s.sampler, s.seed, s.trials, worker)
-    sampler = st.DistinctSampler(base, inp.space, s.space, seed=st.worker_seed(s.seed, worker))
+    sampler = worker_sampler(sampler or s.sampler, inp.space, s.space, s.seed, s.trials, worker)
     study = st.open_study(inp.storage, s.study_name, sampler)
     target = s.trials
     if target > inp.space.size(s.space):  # every plan once is all a study can complete
         target = inp.space.size(s.space)
         warn(f"the search space holds only {target} distinct plans: searching {target}, not {s.trials}")
-    seeding = st.Seeding(inp.space, s.space, s.seeding == "greedy" or
-                         (s.seeding == "auto" and st.greedy_fits(inp.space, s.space, target)))
+    seeding = study_seeding(inp.space, s.space, s.seeding, target)
     seeding.enqueue(study)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= target:

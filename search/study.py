@@ -431,6 +431,8 @@ def _other_trial_with_plan(trial: optuna.Trial, plan: PruningPlan) -> int | None
     with study_lock(trial.study):
         trial.set_user_attr("plan", plan.to_str())
         for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING)):
+            if "plan" not in t.user_attrs and "pruned" not in t.user_attrs:
+                continue  # a trial just started that has not recorded its plan: it will see this one's
             if t.number != trial.number and trial_plan(t, plan.model) == plan:
                 return t.number
     return None

@@ -1,10 +1,20 @@
-"""A study shared through a real PostgreSQL server, started for these tests (initdb + pg_ctl)."""
+"""A study shared through a real PostgreSQL server, started for these tests (initdb + pg_ctl).
+
+Without a server (no binaries, no driver, or it does not start) the tests skip, saying why; with
+``UPDP_REQUIRE_POSTGRES=1`` (as ``.ci/run`` sets it) they fail instead, so CI cannot pass without them.
+"""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 import secrets
+import time
+import warnings
+from typing import NoReturn
 from urllib.parse import quote
 
+import optuna
 import pgserver
 import pytest
 import study_workers as sw
@@ -13,19 +23,35 @@ from optuna.trial import TrialState
 from updp.core.errors import UpdpError
 from updp.search import study as st
 
-BINDIR = pgserver.find_bindir()
 PASSWORD = f"pw-{secrets.token_hex(8)}"
-pytestmark = [pytest.mark.postgres,
-              pytest.mark.skipif(BINDIR is None, reason="no PostgreSQL server binaries (initdb, pg_ctl) found: "
-                                 "apt-get install postgresql, or set PG_BINDIR")]
+REQUIRE = "UPDP_REQUIRE_POSTGRES"
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip, or fail where a server is required (``UPDP_REQUIRE_POSTGRES`` set and not 0)."""
+    if os.environ.get(REQUIRE, "0") not in ("", "0"):
+        pytest.fail(f"{REQUIRE} is set, but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def start_server(stack: contextlib.ExitStack) -> str:
+    """The URL of a throwaway server that ``stack`` stops; :func:`unavailable` when there can be none."""
+    bindir = pgserver.find_bindir()
+    if bindir is None:
+        unavailable("no PostgreSQL server binaries (initdb, pg_ctl) found: apt-get install postgresql, "
+                    "or set PG_BINDIR")
+    if importlib.util.find_spec("psycopg2") is None:
+        unavailable("the PostgreSQL driver is not installed: pip install -e '.[postgres]'")
+    try:
+        return stack.enter_context(pgserver.pg_server(bindir, password=PASSWORD))
+    except (RuntimeError, OSError) as e:
+        unavailable(f"the PostgreSQL server in {bindir} did not start: {str(e).strip()[:500]}")
 
 
 @pytest.fixture(scope="module")
 def server():
-    if importlib.util.find_spec("psycopg2") is None:
-        pytest.fail("the PostgreSQL driver is not installed: pip install -e '.[postgres]'")
-    with pgserver.pg_server(BINDIR, password=PASSWORD) as url:
-        yield url
+    with contextlib.ExitStack() as stack:
+        yield start_server(stack)
 
 
 @pytest.fixture
@@ -35,6 +61,21 @@ def database(server, request):
                                     .replace("[", "_").replace("]", "_").replace("-", "_"))
 
 
+@pytest.mark.parametrize("required", [False, True])
+def test_no_server_skips_with_the_reason_or_fails_where_one_is_required(tmp_path, monkeypatch, required):
+    for tool in ("initdb", "pg_ctl"):  # binaries that cannot start a server
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PG_BINDIR", str(tmp_path))
+    monkeypatch.setenv(REQUIRE, "1" if required else "0")
+    with pytest.raises(pytest.fail.Exception if required else pytest.skip.Exception) as e:
+        with contextlib.ExitStack() as stack:
+            start_server(stack)
+    assert f"server in {tmp_path} did not start" in str(e.value)
+    assert (REQUIRE in str(e.value)) == required
+
+
+@pytest.mark.postgres
 def test_workers_opening_a_new_postgres_study_at_once_all_succeed(server, tmp_path):
     name = f"first_{secrets.token_hex(3)}"
     urls = [pgserver.create_database(server, f"{name}_{k}") for k in range(3)]
@@ -42,6 +83,7 @@ def test_workers_opening_a_new_postgres_study_at_once_all_succeed(server, tmp_pa
     assert st.open_study(st.open_storage(urls[2], tmp_path), "first", None).trials == []
 
 
+@pytest.mark.postgres
 def test_killed_workers_lose_no_trial_and_retry_each_once(database, tmp_path):
     sw.run(database, tmp_path, workers=4, kills=2, target=24, sleep_s=0.2)
     study = st.open_study(st.open_storage(database, tmp_path), sw.STUDY, None)
@@ -50,6 +92,7 @@ def test_killed_workers_lose_no_trial_and_retry_each_once(database, tmp_path):
     assert len({t.user_attrs["worker"] for t in study.trials if t.state == TrialState.COMPLETE}) >= 4
 
 
+@pytest.mark.postgres
 def test_password_from_the_environment_opens_the_server_and_never_shows(database, tmp_path, monkeypatch):
     monkeypatch.setenv("UPDP_TEST_PGPASSWORD", PASSWORD)
     templated = database.replace(f":{quote(PASSWORD, safe='')}@", ":${UPDP_TEST_PGPASSWORD}@")
@@ -59,3 +102,23 @@ def test_password_from_the_environment_opens_the_server_and_never_shows(database
     with pytest.raises(UpdpError, match="password authentication failed") as e:
         st.open_storage(templated, tmp_path)
     assert PASSWORD not in str(e.value) and ":***@" in str(e.value)
+
+
+@pytest.mark.postgres
+def test_heartbeat_stale_trial_on_postgres_is_failed_with_a_reason_and_retried_once(database, tmp_path):
+    """The heartbeat path on the live server: a RUNNING trial of a worker on another host (no pid to check)
+    whose heartbeat stops is failed, says why, and is retried once."""
+    study = st.open_study(st.open_storage(database, tmp_path, heartbeat_s=1, grace_s=1), "s", None)
+    with warnings.catch_warnings():  # Optuna: "heartbeats are meant for study.optimize"
+        warnings.simplefilter("ignore")
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("worker", "another-host:123")
+    study._storage.record_heartbeat(trial._trial_id)
+    deadline = time.monotonic() + 60
+    while not st.fail_stale_trials(study) and time.monotonic() < deadline:  # until the grace period is over
+        time.sleep(0.2)
+    failed = study.trials[trial.number]
+    assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"].startswith("no heartbeat")
+    retries = [t for t in study.trials if st.retried_trial(t) == trial.number]
+    assert len(retries) == 1 and retries[0].state == TrialState.WAITING and retries[0].params == failed.params
+    assert st.fail_stale_trials(study) == 0

@@ -252,6 +252,19 @@ def test_a_plan_another_worker_is_running_is_a_duplicate_but_a_failed_one_is_not
     assert retry.state == TrialState.COMPLETE and scored == [objective.space.plan(objective.space.names[:1])]
 
 
+
+def test_a_running_trial_that_has_not_recorded_its_plan_yet_is_no_duplicate_of_the_unpruned_plan(tmp_path):
+    """Two workers starting together: the other's trial has no plan yet; the unpruned plan is still scored."""
+    scored = []
+    objective = _toy_objective(scored)
+    study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s", None)
+    starting = study.ask()  # another worker's trial, before its objective records the plan
+    study.enqueue_trial(_plan_params(objective.space, []))
+    study.optimize(objective, n_trials=1, catch=())
+    unpruned = study.trials[1]
+    assert starting.number == 0 and "duplicate_of" not in unpruned.user_attrs
+    assert unpruned.state == TrialState.COMPLETE and scored == [objective.space.plan()]
+
 # --- task: stale trials, retries, the end of the loop -------------------------------------------
 
 def _dead_pid() -> int:
