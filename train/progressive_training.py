@@ -7,6 +7,7 @@ baseline distilling it; then lambda stays 0 while the pruned form converges.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,29 +49,52 @@ def train_plan(baseline: nn.Module, plan: PruningPlan, splits: Splits, fc: FadeC
     """Train the pruned subnet from the baseline with lambda fading and distillation; resumable.
 
     The student and the teacher (the baseline) are on ``rt``'s device; the student comes back there.
+    ``fc.lambda_end_frac`` 0 prunes every block at step 0 (no fade).
     """
     names = plan.names
-    teacher = rt.prepare(copy.deepcopy(baseline).eval().requires_grad_(False))
     student = apply_plan(copy.deepcopy(baseline), names, lam=1.0)
-    trainer_cfg = TrainConfig(epochs=fc.epochs, batch_size=batch_size, lr=fc.lr, seed=seed)
     state = {"lam": 1.0}
-    # blocks at lambda 0 or 1 skip a branch: those parameters take no part in some steps
-    trainer = Trainer(student, trainer_cfg, splits.train, None, out_dir / "train.pt",
-                      val_batches=fixed_batches(splits.val, 1000, seed), metrics_csv=out_dir / "train_metrics.csv",
-                      desc=desc, extra_state=lambda: {"lambda": state["lam"]}, rt=rt, find_unused_parameters=True)
-    schedule = schedule_for(fc, names, trainer.total_steps)
+    schedule: list[LambdaSchedule] = []
 
-    def step(ctx: StepContext, x, y, i):
-        lams = schedule.lambdas(i, names)
+    def fade(i: int) -> dict:
+        lams = schedule[0].lambdas(i, names)
         set_lambda(student, lams)
         state["lam"] = sum(lams.values()) / max(1, len(lams))
+        return {"lam": state["lam"]}
+
+    trainer = distillation_trainer(student, baseline, splits, fc, out_dir, batch_size=batch_size, seed=seed,
+                                   desc=desc, rt=rt, before_step=fade,
+                                   extra_state=lambda: {"lambda": state["lam"]})
+    schedule.append(schedule_for(fc, names, trainer.total_steps))
+    trainer.fit()
+    set_lambda(student, 0.0)
+    return student
+
+
+def distillation_trainer(student: nn.Module, teacher: nn.Module, splits: Splits, fc: FadeConfig, out_dir: Path, *,
+                         batch_size: int, seed: int, desc: str = "distil", rt: Runtime = CPU,
+                         before_step: Callable[[int], dict] | None = None,
+                         extra_state: Callable[[], dict] | None = None) -> Trainer:
+    """A resumable trainer of ``student`` on cross-entropy plus distillation from ``teacher`` (frozen).
+
+    ``fc`` gives the epochs, learning rate and distillation weights; ``before_step(i)`` runs before each step's
+    forward (progressive training sets the lambdas there) and returns figures for the step's metrics.
+    Checkpoint ``out_dir/train.pt``, metrics ``out_dir/train_metrics.csv``. Call ``fit()`` on it.
+    """
+    teacher = rt.prepare(copy.deepcopy(teacher).eval().requires_grad_(False))
+    trainer_cfg = TrainConfig(epochs=fc.epochs, batch_size=batch_size, lr=fc.lr, seed=seed)
+    # progressive blocks at lambda 0 or 1 skip a branch: those parameters take no part in some steps
+    trainer = Trainer(student, trainer_cfg, splits.train, None, out_dir / "train.pt",
+                      val_batches=fixed_batches(splits.val, 1000, seed), metrics_csv=out_dir / "train_metrics.csv",
+                      desc=desc, extra_state=extra_state, rt=rt, find_unused_parameters=True)
+
+    def step(ctx: StepContext, x, y, i):
+        figures = before_step(i) if before_step else {}
         with torch.no_grad():
             target = ctx.forward(x, teacher)
         loss = kd_loss(ctx.forward(x), target, y, fc.kd_alpha, fc.kd_temperature, 0.1)
         ctx.backward(loss)
-        return {"loss": loss.item(), "lam": state["lam"]}
+        return {"loss": loss.item(), **figures}
 
     trainer.step_fn = step
-    trainer.fit()
-    set_lambda(student, 0.0)
-    return student
+    return trainer
