@@ -119,7 +119,7 @@ def search(args) -> tuple:
 
 def updp_plan(trials: pd.DataFrame, model: str, base_ms: float, level: float) -> PruningPlan:
     """The best-scoring plan the search found within baseline latency / level (the fastest if none is)."""
-    done = trials[trials.state == "COMPLETE"]
+    done = trials[trials.state == "COMPLETE"].astype({"score": float, "latency_ms": float})  # PRUNED rows: no value
     within = done[done.latency_ms <= base_ms / level]
     pick = (within.sort_values(["score", "latency_ms"], ascending=[False, True]) if len(within)
             else done.sort_values("latency_ms")).iloc[0]

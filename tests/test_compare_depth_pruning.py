@@ -92,3 +92,19 @@ def test_quick_mode_runs_every_method_merges_exactly_and_writes_the_report(tmp_p
     assert rows.latency_vs_updp["updp"] == pytest.approx(1.0)
     assert (out / "depth_pruning.png").stat().st_size > 1000
     assert "| updp" in (out / "README.md").read_text()
+
+
+def test_updp_plan_is_the_best_score_within_the_level_and_skips_trials_without_values(tmp_path):
+    from compare_depth_pruning import updp_plan
+
+    csv = tmp_path / "trials.csv"
+    csv.write_text("trial,state,score,latency_ms,pruned\n"
+                   "0,COMPLETE,50.0,1.0,\n"
+                   "1,COMPLETE,40.0,0.5,\"a,b\"\n"
+                   "2,COMPLETE,45.0,0.7,a\n"
+                   "3,PRUNED,,,a\n"
+                   "4,COMPLETE,45.0,0.75,b\n")
+    trials = pd.read_csv(csv, keep_default_na=False)
+    assert updp_plan(trials, "m", 1.0, 1.3).names == ("a",)  # 45 % within 0.77 ms; the faster of the two
+    assert updp_plan(trials, "m", 1.0, 1.6).names == ("a", "b")
+    assert updp_plan(trials, "m", 1.0, 5.0).names == ("a", "b")  # none within: the fastest
