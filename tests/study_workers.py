@@ -169,3 +169,26 @@ def check(study, target: int, workers: int, kills: int) -> dict:
 
 if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
+
+
+def heartbeat_goes_stale(study):
+    """A trial of another host whose heartbeat stops; returns it as ``fail_stale_trials`` left it.
+
+    The worker attribute names another host, so no pid check can fail it: only the heartbeat tells.
+    The study's storage must have been opened with a short heartbeat and grace period.
+    """
+    import warnings
+
+    import optuna
+
+    from updp.search import study as st
+
+    with warnings.catch_warnings():  # Optuna: "heartbeats are meant for study.optimize"
+        warnings.simplefilter("ignore")
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr("worker", "another-host:123")
+    study._storage.record_heartbeat(trial._trial_id)
+    deadline = time.monotonic() + 60
+    while not st.fail_stale_trials(study) and time.monotonic() < deadline:  # until the grace period is over
+        time.sleep(0.2)
+    return study.trials[trial.number]

@@ -88,7 +88,7 @@ def test_quick_mode_runs_every_method_merges_exactly_and_writes_the_report(tmp_p
     assert rows.n_pruned["random"] == rows.n_pruned["updp"]
     assert rows.params["channels"] < rows.baseline_params["channels"]
     assert rows.n_pruned["drop"] >= 1
-    assert (df.latency_ms > 0).all() and (df.top1 >= 0).all()
+    assert df.latency_ms.notna().all() and df.top1.between(0, 100).all()  # every row timed and scored
     assert rows.latency_vs_updp["updp"] == pytest.approx(1.0)
     assert (out / "depth_pruning.png").stat().st_size > 1000
     assert "| updp" in (out / "README.md").read_text()

@@ -9,12 +9,9 @@ import contextlib
 import importlib.util
 import os
 import secrets
-import time
-import warnings
 from typing import NoReturn
 from urllib.parse import quote
 
-import optuna
 import pgserver
 import pytest
 import study_workers as sw
@@ -109,16 +106,8 @@ def test_heartbeat_stale_trial_on_postgres_is_failed_with_a_reason_and_retried_o
     """The heartbeat path on the live server: a RUNNING trial of a worker on another host (no pid to check)
     whose heartbeat stops is failed, says why, and is retried once."""
     study = st.open_study(st.open_storage(database, tmp_path, heartbeat_s=1, grace_s=1), "s", None)
-    with warnings.catch_warnings():  # Optuna: "heartbeats are meant for study.optimize"
-        warnings.simplefilter("ignore")
-        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    trial.set_user_attr("worker", "another-host:123")
-    study._storage.record_heartbeat(trial._trial_id)
-    deadline = time.monotonic() + 60
-    while not st.fail_stale_trials(study) and time.monotonic() < deadline:  # until the grace period is over
-        time.sleep(0.2)
-    failed = study.trials[trial.number]
+    failed = sw.heartbeat_goes_stale(study)
     assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"].startswith("no heartbeat")
-    retries = [t for t in study.trials if st.retried_trial(t) == trial.number]
+    retries = [t for t in study.trials if st.retried_trial(t) == failed.number]
     assert len(retries) == 1 and retries[0].state == TrialState.WAITING and retries[0].params == failed.params
     assert st.fail_stale_trials(study) == 0

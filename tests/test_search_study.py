@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -311,17 +310,9 @@ def test_a_killed_but_unreaped_worker_is_dead(tmp_path):
 def test_heartbeat_stale_trial_is_failed_with_a_reason_and_retried_once(tmp_path):
     storage = st.open_storage(None, tmp_path, heartbeat_s=1, grace_s=1)
     study = st.open_study(storage, "s", None)
-    with warnings.catch_warnings():  # Optuna: "heartbeats are meant for study.optimize"
-        warnings.simplefilter("ignore")
-        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    trial.set_user_attr("worker", "another-host:123")  # not ours to check by pid: only the heartbeat tells
-    study._storage.record_heartbeat(trial._trial_id)
-    deadline = time.monotonic() + 60
-    while not st.fail_stale_trials(study) and time.monotonic() < deadline:  # until the grace period is over
-        time.sleep(0.2)
-    failed = study.trials[trial.number]
+    failed = sw.heartbeat_goes_stale(study)
     assert failed.state == TrialState.FAIL and failed.user_attrs["fail_reason"].startswith("no heartbeat")
-    assert len(_retries_of(study, trial.number)) == 1 and st.fail_stale_trials(study) == 0
+    assert len(_retries_of(study, failed.number)) == 1 and st.fail_stale_trials(study) == 0
 
 
 def test_finish_study_drops_late_retries_only_once_the_target_is_reached(tmp_path):

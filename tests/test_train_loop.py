@@ -18,15 +18,6 @@ class Crash(Exception):
     pass
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: a few tiny steps, on cores other work shares (two threads wait on each other)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _data(n: int, seed: int = 0) -> TensorDataset:
     gen = torch.Generator().manual_seed(seed)
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen))

@@ -7,8 +7,6 @@ import shutil
 from pathlib import Path
 
 import optuna
-import pytest
-import torch
 
 from updp.core.config import from_dict
 from updp.latency.table import LatencyTable
@@ -28,15 +26,6 @@ def _cfg(trials: int) -> RunConfig:
         "latency": {"backend": "onnxruntime", "img_size": 32, "threads": 1, "mode": "table", "fit_plans": 0,
                     "merge_forms": "default"},
         "search": {"trials": trials, "sampler": "random", "seeding": "simple"}})
-
-
-@pytest.fixture
-def one_thread():
-    """One torch thread: a few tiny steps, on cores other work shares (two threads wait on each other)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _plans(run_dir: Path) -> list[str]:
