@@ -14,8 +14,12 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 
 def context() -> dict:
+    gpu = {}
+    if torch.cuda.is_available():  # the GPU this process sees and torch's CUDA build
+        gpu = {"gpu": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+               "bf16": torch.cuda.is_bf16_supported()}
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "timm": timm.__version__,
+            "torch_threads": torch.get_num_threads(), **gpu, "torch": torch.__version__, "timm": timm.__version__,
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 

@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 from common import RESULTS, combine_results, require_data, shown, write_results
 from search_quality import DEFAULT_DATA, prepare
 
 from updp.pruner import PruningPlan, merge_model
 from updp.search.report import pareto_front
-from updp.search.scoring import score_plan
+from updp.search.scoring import resident, score_plan
 from updp.train.bn import recalibrate_bn
 from updp.train.data import fixed_batches
 from updp.train.loop import evaluate
@@ -101,6 +102,7 @@ def main() -> None:
     args.noise_std = float(pd.Series(noise_top1).std()) if len(noise_top1) > 1 else float("nan")
     plans = pd.DataFrame(rows)
     results = [fidelity(setup, plans, name, args, **kw) for name, kw in variants(setup).items()]
+    report(setup, plans, results, args)
     for name in args.supernets:
         # same baseline weights, a supernet trained another way; only the unpruned plan is scored up front
         extra = {"uniform": {"supernet.sampling": "uniform"},
@@ -109,11 +111,18 @@ def main() -> None:
         other = prepare(args.data, str(Path(args.run) / f"supernet_{name}"), 1, model=args.model,
                         **{**overrides, **extra, "checkpoint": str(Path(args.run) / "baseline.pt")})
         results.append(fidelity(other, plans, f"supernet_{name}", args))
+        report(setup, plans, results, args)  # written after each supernet: a run cut short keeps what it measured
+
+
+def report(setup, plans: pd.DataFrame, results: list[dict], args) -> None:
+    """results/NAME.{csv,md} and NAME_plans.csv from the variants measured so far, and the combined table."""
     summary = pd.DataFrame(results)
+    plans = plans.copy()
     for name in summary.variant:
         plans[f"score_{name}"] = summary.set_index("variant").loc[name, "scores"]
     summary = summary.drop(columns="scores")
     plans.to_csv(RESULTS / f"{args.name}_plans.csv", index=False)
+    inp = setup.inp
     write_results(args.name, summary, "Ranking fidelity: supernet score vs trained, merged top-1",
                   f"{len(plans)} plans of {setup.cfg.model} ({len(plans) // 2} along the exhaustive front, the rest "
                   f"random dominated ones), each trained with updp's progressive training for {args.epochs:g} "
@@ -141,7 +150,7 @@ def combine() -> None:
         "ranking_fidelity", "ranking_fidelity_*.csv", "_plans",
         ["model", "dataset", "img_size", "plans", "variant", "kendall_tau", "spearman", "regret_top1",
          "truth_seed_std", "merged_top1_range", "baseline_val_top1", "train_epochs", "score_s_per_plan",
-         "supernet_train_s"],
+         "supernet_train_s", "train_device"],
         "Ranking fidelity: supernet score vs trained, merged top-1",
         "Per run: 12 plans (half along the exhaustive or pooled front, half dominated), each trained with updp's "
         "progressive training (same budget and seed), merged, top-1 on the validation split; Kendall tau and "
@@ -150,17 +159,24 @@ def combine() -> None:
         "with 2 more seeds (std of its top-1), the noise floor against merged_top1_range. Details: the "
         "ranking_fidelity_*.md files.", "python benchmarks/ranking_fidelity.py --combine")
 
+
 def trained_top1(setup, text: str, seed: int, epochs: float, val, run: Path) -> tuple[float, float]:
     """Merged top-1 on ``val`` of the plan ``text`` after updp's progressive training; seconds it took."""
-    inp = setup.inp
+    inp, rt = setup.inp, setup.inp.rt
     plan = PruningPlan.from_str(setup.cfg.model, text)
     out = run / (f"rank_{plan.key}" if seed == 0 else f"rank_{plan.key}_seed{seed}")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    student = train_plan(setup.baseline, plan, inp.splits, FadeConfig(epochs=epochs), out,
+    student = train_plan(setup.baseline, plan, inp.splits, FadeConfig(epochs=epochs), out, rt=rt,
                          batch_size=setup.cfg.data.batch_size, seed=seed, desc=f"{len(plan)} pruned, seed {seed}")
-    recalibrate_bn(student, fixed_batches(inp.splits.train_eval, 1024, seed))
-    return evaluate(merge_model(student.eval()), val)["top1"], time.perf_counter() - t0
+    recalibrate_bn(student, fixed_batches(inp.splits.train_eval, 1024, seed), rt)
+    merged = rt.prepare(merge_model(student.cpu().float().eval()))  # merged in fp32 on the CPU, as `updp run` does
+    return evaluate(merged, val, rt)["top1"], time.perf_counter() - t0
+
+
+def device_name(rt) -> str:
+    """Where the baseline, supernet and plans trained: the CPU, or the GPU's name and the precision."""
+    return f"{torch.cuda.get_device_name(rt.device)}, amp {rt.amp}" if rt.cuda else "cpu"
 
 
 def variants(setup) -> dict:
@@ -174,12 +190,12 @@ def variants(setup) -> dict:
 def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | None = None,
              eval_images: int | None = None, finetune_steps: int = 0) -> dict:
     """Kendall tau, Spearman and regret of one scoring variant on the trained plans."""
-    inp, d = setup.inp, setup.cfg.data
-    calib = fixed_batches(inp.splits.train_eval, calib_images or d.calib_images, setup.cfg.search.seed)
-    held = fixed_batches(inp.splits.held_out, eval_images or d.eval_images, setup.cfg.search.seed)
+    inp, d, rt = setup.inp, setup.cfg.data, setup.inp.rt
+    calib = resident(fixed_batches(inp.splits.train_eval, calib_images or d.calib_images, setup.cfg.search.seed), rt)
+    held = resident(fixed_batches(inp.splits.held_out, eval_images or d.eval_images, setup.cfg.search.seed), rt)
     t0 = time.perf_counter()
-    scores = [score_plan(setup.supernet, PruningPlan.from_str(setup.cfg.model, p), calib, held, finetune_steps)["top1"]
-              for p in plans.pruned]
+    scores = [score_plan(setup.supernet, PruningPlan.from_str(setup.cfg.model, p), calib, held, finetune_steps,
+                         rt=rt)["top1"] for p in plans.pruned]
     score_s = (time.perf_counter() - t0) / len(plans)
     s = pd.Series(scores, index=plans.index)
     budget = plans.latency_ms.median()
@@ -193,7 +209,7 @@ def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | No
             "eval_images": eval_images or d.eval_images, "finetune_steps": finetune_steps,
             "supernet_sampling": setup.cfg.supernet.sampling, "supernet_epochs": setup.cfg.supernet.epochs,
             "supernet_train_s": setup.supernet_s, "baseline_val_top1": setup.baseline_top1,
-            "train_epochs": args.epochs, "val_images": len(inp.splits.val),
+            "train_epochs": args.epochs, "val_images": len(inp.splits.val), "train_device": device_name(rt),
             "merged_top1_range": f"{plans.merged_top1.min():.1f}-{plans.merged_top1.max():.1f}",
             "truth_seed_std": args.noise_std, "scores": scores}
 

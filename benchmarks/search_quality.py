@@ -32,7 +32,7 @@ from updp.pipeline import search as runner
 from updp.pipeline.config import RunConfig
 from updp.pruner import PruningPlan
 from updp.search.report import pareto_front
-from updp.search.scoring import score_plan
+from updp.search.scoring import resident, score_plan
 from updp.train.data import fixed_batches
 from updp.train.loop import evaluate
 
@@ -87,16 +87,17 @@ def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext
     inp = rundir.check_inputs(cfg, run_dir)
     timer = runner.plan_timer(inp)
     table = runner.latency_table(inp, timer)
-    baseline = rundir.baseline_model(inp)
-    baseline_top1 = evaluate(baseline, fixed_batches(inp.splits.val, 1000))["top1"]
+    rt = inp.rt  # the runtime.* keys: a CUDA GPU when this machine has one, the CPU otherwise
+    baseline = rt.prepare(rundir.baseline_model(inp))
+    baseline_top1 = evaluate(baseline, fixed_batches(inp.splits.val, 1000), rt)["top1"]
     t0, timing = time.perf_counter(), run_dir / "supernet_train_s.json"
     fresh = not (run_dir / "supernet.pt").exists()
     supernet = runner.train_supernet(inp, copy.deepcopy(baseline), table.predict, runner.budget(inp, table))
     if fresh:  # trained in one go here (a resumed or older supernet's time is unknown)
         timing.write_text(json.dumps(time.perf_counter() - t0))
     supernet_s = json.loads(timing.read_text()) if timing.is_file() else float("nan")
-    calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images)
-    held = fixed_batches(inp.splits.held_out, cfg.data.eval_images)
+    calib = resident(fixed_batches(inp.splits.train_eval, cfg.data.calib_images), rt)
+    held = resident(fixed_batches(inp.splits.held_out, cfg.data.eval_images), rt)
     names = inp.space.names
 
     exhaustive_csv = run_dir / ("exhaustive.csv" if pool is None else f"pool{pool}.csv")
@@ -109,7 +110,7 @@ def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext
             plans = [plans[0]] + random.Random(0).sample(plans[1:], pool - 1)
         for bits in tqdm(plans, desc="exhaustive", unit="plan", mininterval=10):
             plan = PruningPlan(cfg.model, frozenset(n for n, b in zip(names, bits) if b))
-            s = score_plan(supernet, plan, calib, held)
+            s = score_plan(supernet, plan, calib, held, rt=rt)
             rows.append({"pruned": plan.to_str(), "score": s["top1"], "loss": s["loss"],
                          "latency_ms": table.predict(plan), "n_pruned": len(plan)})
         exhaustive = pd.DataFrame(rows)

@@ -16,6 +16,7 @@ import contextlib
 import random
 from collections.abc import Callable, Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -73,7 +74,7 @@ class Supernet:
                 with ctx.accumulate() if k < len(plans) - 1 else contextlib.nullcontext():
                     loss = kd_loss(ctx.forward(x), teacher, y, kd_alpha, temperature, label_smoothing)
                     ctx.backward(loss)
-                sub_losses.append(loss.item())
+                sub_losses.append(loss.detach())
             self.set_plan(())
-            return {"loss": loss_full.item(), "sub_loss": sum(sub_losses) / len(sub_losses)}
+            return {"loss": loss_full.detach(), "sub_loss": torch.stack(sub_losses).mean()}
         return step

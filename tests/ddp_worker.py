@@ -43,7 +43,7 @@ def main(out: Path, steps: int, sandwich: bool, sync_bn: bool) -> None:
 
     def step(ctx, x, y, i):
         info = step_fn(ctx, x, y, i)
-        losses.append(info["loss"])
+        losses.append(float(info["loss"]))
         return info
 
     cfg = TrainConfig(epochs=steps / (256 // 32), batch_size=32, lr=1e-3, warmup_frac=0.1)

@@ -236,11 +236,18 @@ def test_cuda_training_in_mixed_precision_and_channels_last_checkpoints_for_the_
     Trainer(model, TrainConfig(epochs=1, batch_size=16), _data(), ce_step(), tmp_path / "t.pt", rt=rt).fit()
     assert next(model.parameters()).is_cuda
     assert model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    saved = torch.load(tmp_path / "t.pt", map_location="cpu", weights_only=True)["model"]
+    assert all(torch.equal(saved[k], v.cpu()) for k, v in model.state_dict().items())  # the very weights, on the CPU
     cpu = _model()
-    cpu.load_state_dict(torch.load(tmp_path / "t.pt", map_location="cpu", weights_only=True)["model"])
+    cpu.load_state_dict(saved)
     x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert torch.allclose(cpu.eval()(x), model.eval().float()(x.cuda()).cpu(), atol=1e-4)
+    # cuDNN runs fp32 convolutions in TF32 by default on Ampere and later (~1e-3 off): compare in full fp32
+    matmul_tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            assert torch.allclose(cpu.eval()(x), model.eval().float()(x.cuda()).cpu(), atol=1e-4)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
 
 
 @pytest.mark.cuda

@@ -88,3 +88,27 @@ def test_as_many_images_as_the_batch_size_train_one_step_an_epoch(tmp_path, one_
                       _data(8), ce_step(), tmp_path / "t.pt")
     trainer.fit()
     assert trainer.step == 2 and [m["step"] for m in trainer.metrics] == [1, 2]
+
+
+def test_the_loop_reads_a_steps_figures_only_now_and_then_and_at_each_epochs_end(tmp_path, one_thread):
+    """Reading a loss on the device waits for the GPU to finish the step: the loop reads the step's figures
+    every SHOW_EVERY steps and at the last step of each epoch, and the epoch's metrics hold that last step's."""
+    reads = []
+
+    class Figure:  # a loss that records when the loop reads it
+        def __init__(self, step: int, value: float):
+            self.step, self.value = step, value
+
+        def __float__(self) -> float:
+            reads.append(self.step)
+            return self.value
+
+    def step(ctx, x, y, i):
+        info = ce_step()(ctx, x, y, i)
+        return {"loss": Figure(i, float(info["loss"].item()) + 100 * i)}
+
+    cfg = TrainConfig(epochs=2, batch_size=1, seed=0)  # 2 epochs of 30 steps
+    trainer = Trainer(_dropping_model(), cfg, _data(30), step, tmp_path / "t.pt", rt=Runtime())
+    metrics = trainer.fit()
+    assert reads == [24, 29, 49, 59]  # after steps 25, 30 (epoch end), 50 and 60 (epoch end)
+    assert [round(m["train_loss"]) // 100 for m in metrics] == [29, 59]

@@ -95,14 +95,17 @@ class StepContext:
         return no_sync() if no_sync is not None else contextlib.nullcontext()
 
 
+# A step returns its figures as floats or 0-d tensors (losses stay on the device: reading one waits for the GPU)
 StepFn = Callable[[StepContext, torch.Tensor, torch.Tensor, int], dict]
+# steps between two readings of the step's figures (progress bar); the epoch's last step is always read
+SHOW_EVERY = 25
 
 
 def ce_step(label_smoothing: float = 0.1) -> StepFn:
     def step(ctx: StepContext, x, y, _step):
         loss = F.cross_entropy(ctx.forward(x), y, label_smoothing=label_smoothing)
         ctx.backward(loss)
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
     return step
 
 
@@ -383,14 +386,15 @@ class Trainer:
             self.step += 1
             self.updating = False
             self.buffers = None
-            info = mean_over_ranks(rt, info)
             seen += len(y) * rt.world_size
-            self.last = info
+            last = self.step % self.steps_per_epoch == 0 or self.step >= self.total_steps
+            if last or self.step % SHOW_EVERY == 0:  # the same steps in every process (a collective under torchrun)
+                self.last = mean_over_ranks(rt, {k: float(v) for k, v in info.items()})
+                bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in self.last.items()},
+                                img_s=f"{seen / (time.perf_counter() - t0):.0f}", refresh=False)
             if self.step % self.steps_per_epoch and time.monotonic() - self.saved_at >= period:
                 self.save()  # inside the epoch; the epoch's end saves anyway
             bar.update(1)
-            bar.set_postfix(epoch=epoch, **{k: f"{v:.3g}" for k, v in info.items()},
-                            img_s=f"{seen / (time.perf_counter() - t0):.0f}")
 
     def _end_epoch(self, epoch: int, bar: tqdm) -> None:
         row = {"epoch": epoch, "step": self.step, "lr": self.sched.get_last_lr()[0],

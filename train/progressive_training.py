@@ -94,7 +94,7 @@ def distillation_trainer(student: nn.Module, teacher: nn.Module, splits: Splits,
             target = ctx.forward(x, teacher)
         loss = kd_loss(ctx.forward(x), target, y, fc.kd_alpha, fc.kd_temperature, 0.1)
         ctx.backward(loss)
-        return {"loss": loss.item(), **figures}
+        return {"loss": loss.detach(), **figures}
 
     trainer.step_fn = step
     return trainer
