@@ -23,6 +23,11 @@ def context() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
 
 
+def device_name(rt) -> str:
+    """Where a benchmark trained (its runtime): the CPU, or the GPU's name and the mixed precision."""
+    return f"{torch.cuda.get_device_name(rt.device)}, amp {rt.amp}" if rt.cuda else "cpu"
+
+
 def require_data(path: str) -> None:
     """Exit cleanly (status 0, one line) when a dataset the benchmark reads is not on this machine.
 

@@ -17,7 +17,9 @@ temperature), then BN re-estimated on the same 1,024 training images:
 Every final model (merged where the method merges) is exported to ONNX and timed in one interleaved
 ONNX Runtime pass per model and dataset (CPU, batch 1, the training resolution); `latency_vs_updp` is
 its ratio to updp's model of the same level and seed, and `latency_match` says whether it is within 3 %.
-Merging is checked in fp64 on validation images (`merge_rel_diff_fp64`).
+Merging is checked in fp64 on validation images (`merge_rel_diff_fp64`). Training (baseline, supernet,
+students) runs where the pipeline's runtime puts it: a CUDA GPU with bf16 when the machine has one
+(`train_device`), the CPU otherwise; merging, export and timing always run on the CPU.
 
 Full mode appends its rows to results/benchmarks/depth_pruning.csv (rows of other models and datasets
 are kept) and rebuilds results/benchmarks/README.md (mean +- std table, a plot of top-1 vs speed-up).
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from common import RESULTS, context, require_data
+from common import RESULTS, context, device_name, require_data
 from pruning_methods import drop_blocks, droppable, nearest_latency, prune_channels, random_plan
 
 from updp.core.config import from_dict
@@ -102,7 +104,9 @@ def search(args) -> tuple:
     cfg = from_dict(RunConfig, {
         "model": args.model,
         "data": {"root": str(args.data), "img_size": args.img_size, "batch_size": args.batch_size},
-        "baseline": {"epochs": args.baseline_epochs}, "supernet": {"epochs": args.supernet_epochs},
+        "baseline": {"epochs": args.baseline_epochs},
+        # the sandwich rule, as every cell in results/benchmarks was searched (its cached supernets reused)
+        "supernet": {"epochs": args.supernet_epochs, "sampling": "sandwich"},
         "latency": {"backend": "onnxruntime", "threads": args.threads, "merge_forms": "default",
                     "runs": 20 if args.quick else 100},
         "search": {"trials": args.trials}})
@@ -110,11 +114,16 @@ def search(args) -> tuple:
     run.mkdir(parents=True, exist_ok=True)
     run_search(cfg, run)
     inp = rundir.check_inputs(cfg, run)
-    baseline = rundir.baseline_model(inp).eval()
+    baseline = rundir.baseline_model(inp).cpu().float().eval()  # on the CPU for matching, export and timing
     trials = pd.read_csv(run / "trials.csv", keep_default_na=False)
     base_ms = json.loads((run / "search_summary.json").read_text())["context"]["baseline_latency_ms"]
-    top1 = evaluate(baseline, fixed_batches(inp.splits.val, len(inp.splits.val)))["top1"]
+    top1 = evaluated(baseline, fixed_batches(inp.splits.val, len(inp.splits.val)), inp.rt)
     return inp, baseline, top1, trials, base_ms
+
+
+def evaluated(model: torch.nn.Module, batches, rt) -> float:
+    """Top-1 of a copy of ``model`` on ``rt``'s device (a CUDA GPU when the run has one), the model untouched."""
+    return evaluate(rt.prepare(copy.deepcopy(model)), batches, rt)["top1"]
 
 
 def updp_plan(trials: pd.DataFrame, model: str, base_ms: float, level: float) -> PruningPlan:
@@ -167,7 +176,7 @@ def train_row(method: str, level: float, seed: int, plan: PruningPlan, matched: 
     if done.is_file():
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
-    splits, shape = inp.splits, (3, args.img_size, args.img_size)
+    splits, shape, rt = inp.splits, (3, args.img_size, args.img_size), inp.rt
     fc = FadeConfig(epochs=args.train_epochs)
     desc = f"{method} {level}x seed {seed}"
     t0 = time.perf_counter()
@@ -177,8 +186,10 @@ def train_row(method: str, level: float, seed: int, plan: PruningPlan, matched: 
         if method == "random":
             plan = random_plan(inp.space, len(plan), seed=1000 * round(level * 100) + seed)
         f = dataclasses.replace(fc, lambda_end_frac=0.0) if method == "removal" else fc
-        student = train_plan(baseline, plan, splits, f, out, batch_size=args.batch_size, seed=seed, desc=desc)
-        recalibrate_bn(student, fixed_batches(splits.train_eval, 1024, seed))
+        student = train_plan(baseline, plan, splits, f, out, batch_size=args.batch_size, seed=seed, desc=desc,
+                             rt=rt)
+        recalibrate_bn(student, fixed_batches(splits.train_eval, 1024, seed), rt)
+        student = student.cpu().float()  # merged, checked and exported in fp32 on the CPU
         diff = merge_diff_fp64(student, val[0][0][:16])
         final = merge_model(student.eval())
         pruned, n = plan.to_str(), len(plan)
@@ -190,15 +201,16 @@ def train_row(method: str, level: float, seed: int, plan: PruningPlan, matched: 
             student = prune_channels(baseline, matched["channel_ratio"], shape)
             pruned, n = f"channels {matched['channel_ratio']:.2f}", 0
         distillation_trainer(student, baseline, splits, fc, out, batch_size=args.batch_size, seed=seed,
-                             desc=desc).fit()
-        recalibrate_bn(student, fixed_batches(splits.train_eval, 1024, seed))
-        final = student.eval()
+                             desc=desc, rt=rt).fit()
+        recalibrate_bn(student, fixed_batches(splits.train_eval, 1024, seed), rt)
+        final = student.cpu().float().eval()
     x1 = torch.zeros(1, *shape)
     export_onnx(final, (1, *shape), out / "final.onnx")
     row = {"method": method, "model": args.model, "dataset": args.dataset, "img_size": args.img_size,
            "level": level, "seed": seed, "plan": pruned, "n_pruned": n,
-           "top1": evaluate(final, val)["top1"], "params": count_params(final), "macs": count_macs(final, x1),
-           "merge_rel_diff_fp64": diff, "train_epochs": args.train_epochs, "train_s": time.perf_counter() - t0}
+           "top1": evaluated(final, val, rt), "params": count_params(final), "macs": count_macs(final, x1),
+           "merge_rel_diff_fp64": diff, "train_epochs": args.train_epochs, "train_s": time.perf_counter() - t0,
+           "train_device": device_name(rt)}
     write_json(done, row)
     return row
 
@@ -238,6 +250,9 @@ def run(args) -> pd.DataFrame:
             for method in METHODS:
                 rows.append(train_row(method, level, seed, plan, matched, inp, baseline, args, folder))
     df = time_rows(rows, baseline, cell, args)
+    if "train_device" not in df:  # rows cached before the column existed: every one of them trained on the CPU
+        df["train_device"] = "cpu"
+    df["train_device"] = df.train_device.fillna("cpu")
     shape = (1, 3, args.img_size, args.img_size)
     df["baseline_top1"] = base_top1
     df["baseline_params"] = count_params(baseline)
@@ -254,7 +269,10 @@ def merge_rows(path: Path, new: pd.DataFrame) -> pd.DataFrame:
     old = pd.read_csv(path)
     key = ["model", "dataset", "img_size"]
     keep = ~old.set_index(key).index.isin(new.set_index(key).index)
-    return pd.concat([old[keep], new], ignore_index=True)
+    merged = pd.concat([old[keep], new], ignore_index=True)
+    if "train_device" in merged:  # rows written before the column existed were all trained on the CPU
+        merged["train_device"] = merged.train_device.fillna("cpu")
+    return merged
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:

@@ -13,7 +13,8 @@ best supernet score vs the best trained top-1 among those within the budget.
 Variants, each against the same trained top-1s: ways of scoring with the same supernet (more held-out or
 calibration images, a short fine-tune per candidate), and supernets trained from the same baseline another
 way (``--supernets``: uniform or budget-weighted subnet sampling instead of the sandwich rule, twice the
-epochs), with what each costs.
+epochs), with what each costs. The benchmark's own supernet keeps the sandwich rule (updp's default when
+these runs were made; this comparison made ``uniform`` the default), so its cached runs stay comparable.
 
 Writes results/NAME.{csv,md} and results/NAME_plans.csv.
 Run: python benchmarks/ranking_fidelity.py [--plans 12] [--epochs 6] [--data DIR --img-size 64 ...]
@@ -25,8 +26,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import torch
-from common import RESULTS, combine_results, require_data, shown, write_results
+from common import RESULTS, combine_results, device_name, require_data, shown, write_results
 from search_quality import DEFAULT_DATA, prepare
 
 from updp.pruner import PruningPlan, merge_model
@@ -172,11 +172,6 @@ def trained_top1(setup, text: str, seed: int, epochs: float, val, run: Path) -> 
     recalibrate_bn(student, fixed_batches(inp.splits.train_eval, 1024, seed), rt)
     merged = rt.prepare(merge_model(student.cpu().float().eval()))  # merged in fp32 on the CPU, as `updp run` does
     return evaluate(merged, val, rt)["top1"], time.perf_counter() - t0
-
-
-def device_name(rt) -> str:
-    """Where the baseline, supernet and plans trained: the CPU, or the GPU's name and the precision."""
-    return f"{torch.cuda.get_device_name(rt.device)}, amp {rt.amp}" if rt.cuda else "cpu"
 
 
 def variants(setup) -> dict:

@@ -76,7 +76,7 @@ def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext
     """
     base = {"model": model, "search": {"keep": list(keep)},
             "data": {"root": data, "img_size": 32, "calib_images": 128, "eval_images": 250},
-            "baseline": {"epochs": 12}, "supernet": {"epochs": 4},
+            "baseline": {"epochs": 12}, "supernet": {"epochs": 4, "sampling": "sandwich"},  # as cached runs were
             "latency": {"backend": "onnxruntime", "threads": 2, "runs": 100, "merge_forms": "default"}}
     for key, value in overrides.items():
         section, _, name = key.rpartition(".")

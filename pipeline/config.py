@@ -42,8 +42,10 @@ class SupernetConfig:
     epochs: float = option(3, "supernet training epochs", "--supernet-epochs")
     lr: float = option(1e-3, "supernet learning rate")
     random_plans: int = option(1, "sandwich rule: full + most pruned + this many random plans per step")
-    sampling: str = option("sandwich", "subnets trained each step besides the full model: sandwich (the most pruned "
-                           "plan + random ones), uniform (random ones only), budget (the most pruned + random ones "
+    # uniform: its scores order trained plans best where they differ (results/ranking_fidelity.md); the sandwich
+    # rule trains the most pruned plan every step and scores it above what it reaches after training
+    sampling: str = option("uniform", "subnets trained each step besides the full model: uniform (random plans), "
+                           "sandwich (the most pruned plan + random ones), budget (the most pruned + random ones "
                            "drawn near the latency budget)", "--supernet-sampling", SUPERNET_SAMPLING)
     kd_alpha: float = option(0.5, "weight of the distillation loss")
     kd_temperature: float = option(2.0, "distillation temperature")
