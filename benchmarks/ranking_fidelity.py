@@ -156,8 +156,10 @@ def combine() -> None:
         "progressive training (same budget and seed), merged, top-1 on the validation split; Kendall tau and "
         "Spearman between each variant's supernet score and that top-1; regret: trained top-1 of the best-scored "
         "plan under the median latency vs the best trained one there. truth_seed_std: the first plan retrained "
-        "with 2 more seeds (std of its top-1), the noise floor against merged_top1_range. Details: the "
-        "ranking_fidelity_*.md files.", "python benchmarks/ranking_fidelity.py --combine")
+        "with 2 more seeds (std of its top-1), the noise floor against merged_top1_range. `default`: a supernet "
+        "trained with the sandwich rule (updp's default until test_vit's run, where `supernet_uniform` ranked "
+        "plans best; uniform is updp's default now). Details: the ranking_fidelity_*.md files.",
+        "python benchmarks/ranking_fidelity.py --combine")
 
 
 def trained_top1(setup, text: str, seed: int, epochs: float, val, run: Path) -> tuple[float, float]:
