@@ -38,8 +38,8 @@ def _print(result: dict, run_dir) -> None:
     print(f"final model in {run_dir}: top-1 {result['baseline_top1']:.2f} % -> {result['merged_top1']:.2f} % "
           f"(val), params {result['params_baseline']:,} -> {result['params_merged']:,}")
     if "speedup" in result:
-        print(f"latency ({result['latency_backend']}, {result['latency_input']}): {result['latency_baseline_ms']:.4g} "
-              f"-> {result['latency_merged_ms']:.4g} ms, speedup {result['speedup']:.3f}x; "
+        print(f"latency ({result['latency_backend']}, {result['latency_input']}): {result['latency_baseline_ms']:#.4g} "
+              f"-> {result['latency_merged_ms']:#.4g} ms, speedup {result['speedup']:.3f}x; "
               f"merged vs subnet max abs logit diff {result['max_abs_logit_diff_merged_vs_subnet']:.3g}")
     print(f"report: {run_dir / 'report.md'}")
 
