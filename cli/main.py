@@ -152,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        if "torch.distributed" in sys.modules:  # a torchrun job joined a process group: leave it
+            from updp.train.runtime import leave_distributed
+
+            leave_distributed()
+        return code
     except UpdpError as e:
         if args.debug:
             raise

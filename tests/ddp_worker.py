@@ -24,7 +24,7 @@ def main(out: Path, steps: int, sandwich: bool, sync_bn: bool) -> None:
     from updp.search.space import SearchSpace
     from updp.search.supernet import Supernet
     from updp.train.loop import TrainConfig, Trainer, ce_step
-    from updp.train.runtime import Runtime, distributed_env, init_distributed
+    from updp.train.runtime import Runtime, distributed_env, init_distributed, leave_distributed
 
     torch.set_num_threads(1)
     rank, world, _ = distributed_env()
@@ -50,6 +50,7 @@ def main(out: Path, steps: int, sandwich: bool, sync_bn: bool) -> None:
     Trainer(model, cfg, data, step, out / f"ckpt_{world}.pt", desc="ddp", rt=rt, find_unused_parameters=unused).fit()
     (out / f"losses_{world}_{rank}.json").write_text(json.dumps(losses))
     torch.save(model.state_dict(), out / f"weights_{world}_{rank}.pt")
+    leave_distributed()
 
 
 if __name__ == "__main__":

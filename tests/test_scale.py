@@ -344,3 +344,17 @@ def test_compiled_training_steps_follow_the_eager_ones(tmp_path):
     eager, compiled = train(False), train(True)
     for k in eager:
         assert torch.allclose(eager[k], compiled[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_a_finished_command_leaves_its_process_group():
+    """After a command returns, the CLI destroys the process group torchrun's job joined: a gloo group
+    left to the interpreter's exit can abort the finished process (SIGABRT after its work was done)."""
+    code = ("import sys, torch.distributed as dist\n"
+            "from updp.cli import main\n"
+            "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:0', rank=0, world_size=1)\n"
+            "code = main(['blocks', 'test_convnext'])\n"
+            "print('code', code, 'still_in_group', dist.is_initialized())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "code 0 still_in_group False"

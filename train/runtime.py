@@ -197,6 +197,18 @@ def init_distributed(rt: Runtime, timeout_minutes: float = 30) -> None:
                             device_id=rt.device if rt.cuda else None)
 
 
+def leave_distributed() -> None:
+    """Leave the process group after a finished command (torch asks for it: a gloo group left to the
+    interpreter's exit can abort the process, "terminate called without an active exception").
+
+    Only after success: when a peer has gone, the process exits with its error and torchrun ends the rest.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier(rt: Runtime) -> None:
     if rt.distributed:
         import torch.distributed as dist
