@@ -10,16 +10,19 @@ latency). ``distinct_plans`` = distinct plans tried / trials started (repeats in
 per trial of the study loop (sampling, storage, updp's bookkeeping; the look-up itself is ~0).
 
 Configurations: ``nsga2`` (updp's sampler before this benchmark: no steering), and each of NSGA-II, TPE
-(multivariate), GPSampler and random inside ``DistinctSampler`` (a proposed repeat moves to an untried
-neighbour). Every study starts from updp's seed plans (``seed_study``).
+(multivariate), GPSampler, random and updp's ``ehvi`` (the score modelled, the latency priced by the table)
+inside ``DistinctSampler`` (a proposed repeat moves to an untried neighbour), with and without the greedy
+chains. Every study starts from updp's seed plans (``seed_study``).
 
 Writes results/search_quality_samplers.{csv,md}. Run: python benchmarks/sampler_comparison.py [--seeds 5]
 """
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
+import numpy as np
 import optuna
 import pandas as pd
 from common import RESULTS, require_data, write_results
@@ -30,19 +33,36 @@ from updp.pruner import PruningPlan
 from updp.search import study as st
 
 CHECKPOINTS = (25, 50, 100)
-DEFAULT = "gp+distinct+greedy"  # updp's defaults: --sampler gp, always steered, --seeding auto (greedy at 100 trials)
+DEFAULT = "ehvi+distinct"  # updp's defaults: --sampler ehvi, always steered, --seeding auto (no chains for ehvi)
 
 
-def configurations(space, trials: int) -> dict:
+def configurations(space, trials: int, latency) -> dict:
     """name -> (sampler for a seed, greedy seeding)."""
     def distinct(name):
-        return lambda seed: st.DistinctSampler(st.make_sampler(name, seed, trials), space, "blocks", seed=seed)
+        return lambda seed: st.DistinctSampler(st.make_sampler(name, seed, trials, 0, space, "blocks", latency),
+                                               space, "blocks", seed=seed)
 
     return {"nsga2": (lambda seed: st.make_sampler("nsga2", seed, trials), False),
             "nsga2+distinct": (distinct("nsga2"), False), "tpe+distinct": (distinct("tpe"), False),
             "gp+distinct": (distinct("gp"), False), "random+distinct": (distinct("random"), False),
             "nsga2+distinct+greedy": (distinct("nsga2"), True), "tpe+distinct+greedy": (distinct("tpe"), True),
-            "gp+distinct+greedy": (distinct("gp"), True), "random+distinct+greedy": (distinct("random"), True)}
+            "gp+distinct+greedy": (distinct("gp"), True), "random+distinct+greedy": (distinct("random"), True),
+            "ehvi+distinct": (distinct("ehvi"), False), "ehvi+distinct+greedy": (distinct("ehvi"), True)}
+
+
+def score_noise(setup) -> dict:
+    """How much of the exhaustive scores a search can learn: their spread, the sampling error of top-1 on the
+    held-out images (binomial, at the mean score), and the share of their variance an additive per-block model
+    explains (least squares on every plan; what is left is mostly that sampling error)."""
+    ex = setup.exhaustive
+    names = setup.inp.space.names
+    bits = np.array([[n in set(p.split(",")) for n in names] for p in ex.pruned], dtype=float)
+    x = np.c_[np.ones(len(ex)), bits]
+    coef, *_ = np.linalg.lstsq(x, ex.score.to_numpy(), rcond=None)
+    resid = ex.score.to_numpy() - x @ coef
+    p, n = ex.score.mean() / 100, setup.cfg.data.eval_images
+    return {"score_std": ex.score.std(), "eval_se": 100 * math.sqrt(p * (1 - p) / n),
+            "r2_additive": 1 - resid.var() / ex.score.var()}
 
 
 def run_study(setup, sampler, trials: int, greedy: bool = False) -> tuple[pd.DataFrame, float, int]:
@@ -87,7 +107,7 @@ def main() -> None:
     hv_true = hypervolume(ex, ref_score, ref_latency)
     rows = []
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    for name, (make, greedy) in configurations(setup.inp.space, args.trials).items():
+    for name, (make, greedy) in configurations(setup.inp.space, args.trials, setup.table.predict).items():
         if args.only and name not in args.only:
             continue
         for seed in range(args.seeds):
@@ -116,6 +136,9 @@ def main() -> None:
     summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
     best = summary.hv_ratio_mean.idxmax()
     summary["is_default"] = summary.sampler == DEFAULT
+    noise = score_noise(setup)
+    for k, v in noise.items():
+        summary[k] = v
     write_results(args.name, summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
                   f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
@@ -123,7 +146,10 @@ def main() -> None:
                   f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, input "
                   f"{'x'.join(map(str, setup.timer.cfg.input_shape))}). "
                   f"{args.seeds} seeds per configuration, {args.trials} COMPLETE trials each; hv_ratio_K: after K "
-                  f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. Per-seed rows: "
+                  f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. The scores: std "
+                  f"{noise['score_std']:.2f} points over all plans; top-1 on {setup.cfg.data.eval_images} images "
+                  f"has a sampling error of {noise['eval_se']:.2f}; an additive per-block model explains "
+                  f"{100 * noise['r2_additive']:.0f} % of their variance. Per-seed rows: "
                   f"{args.name}_seeds.csv. Space: {len(setup.inp.space.names)} blocks"
                   + (f" (left out: {', '.join(args.keep)})" if args.keep else "") + ".\n\nCommand: python "
                   f"benchmarks/sampler_comparison.py --seeds {args.seeds} --trials {args.trials} --model {args.model}"

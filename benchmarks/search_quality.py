@@ -124,14 +124,18 @@ def combine() -> pd.DataFrame:
     return combine_results(
         "search_quality", "search_quality_samplers*.csv", "_seeds",
         ["model", "space_blocks", "plans", "sampler", "trials", "seeds", "hv_ratio_mean", "hv_ratio_std",
-         "hv_ratio_25_mean", "hv_ratio_50_mean", "distinct_plans_mean", "overhead_s_per_trial", "is_default"],
+         "hv_ratio_25_mean", "hv_ratio_50_mean", "distinct_plans_mean", "overhead_s_per_trial", "is_default",
+         "score_std", "eval_se", "r2_additive"],
         "Search quality: samplers vs the exhaustive Pareto front",
         "Hypervolume of the front each sampler configuration finds in `trials` COMPLETE trials, divided by the "
         "exhaustive front's (every plan of the space scored with the same supernet and priced by the same latency "
         "table; mean and std over `seeds` seeds; hv_ratio_25/50: after 25 and 50 trials). distinct_plans_mean: "
         "distinct plans / trials started. overhead_s_per_trial: the study loop's own seconds per trial (the "
-        "scoring look-up is ~0). is_default: updp's default search configuration (`--sampler gp`, repeats steered "
-        "away, `--seeding auto`: greedy at 100 trials). Details and per-seed rows: the "
+        "scoring look-up is ~0). is_default: updp's default search configuration (`--sampler ehvi`, repeats "
+        "steered away, `--seeding auto`: no greedy chains with ehvi). score_std, eval_se, r2_additive: the spread "
+        "of the space's scores, the sampling error of top-1 on the held-out images, and the share of the "
+        "variance an additive per-block model explains (the rest is mostly that error: noise no sampler can "
+        "learn). Details and per-seed rows: the "
         "search_quality_samplers*.md files.", "python benchmarks/search_quality.py")
 
 if __name__ == "__main__":

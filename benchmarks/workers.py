@@ -82,7 +82,7 @@ def worker(args: argparse.Namespace, url: str, work_dir: Path) -> None:
         # as run_search: the sampler seeded by this worker's slot and steered off tried plans, seed plans first
         sampler = worker_sampler("nsga2", space, "blocks", 0, args.trials, st.worker_slot(work_dir))
         study = st.open_study(st.open_storage(url, work_dir), "bench", sampler)
-        seeding = study_seeding(space, "blocks", "auto", args.trials)
+        seeding = study_seeding(space, "blocks", "auto", args.trials, "nsga2")
         seeding.enqueue(study)
         objective = st.Objective(space, "blocks", scorer, latency, budget_ms=None)
         _at_go(work_dir)

@@ -80,13 +80,14 @@ class LatencyConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     trials: int = option(50, "completed trials to reach", "--trials", metavar="N")
-    sampler: str = option("gp", f"Optuna sampler: {', '.join(SAMPLERS)}, or module:Class of an installed "
-                          "sampler (e.g. an OptunaHub one)", "--sampler", metavar="NAME")
+    sampler: str = option("ehvi", f"sampler: {', '.join(SAMPLERS)} (ehvi: updp's own; the others Optuna's), or "
+                          "module:Class of an installed Optuna sampler (e.g. an OptunaHub one)", "--sampler",
+                          metavar="NAME")
     space: str = option("blocks", "one boolean per block, or a pruned count per stage", "--space", SPACES)
     seed: int = option(0, "seed of the sampler, subsets and training", "--seed")
     seeding: str = option("auto", "first trials: simple seed plans, or also every block alone and then the greedy "
                           "chain (blocks by top-1 lost per ms saved); auto: greedy in the block space when --trials "
-                          "is at least 3 x the blocks", "--seeding", SEEDINGS)
+                          "is at least 5 x the blocks and the sampler is not ehvi", "--seeding", SEEDINGS)
     latency_budget_ms: float | None = option(None, "latency budget in ms", "--latency-budget-ms", metavar="MS")
     target_speedup: float | None = option(None, "budget = baseline latency / X", "--target-speedup", metavar="X")
     budget_frac: float | None = option(

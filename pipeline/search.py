@@ -264,16 +264,20 @@ def _progress(total: int):
 
 
 def worker_sampler(sampler: str | optuna.samplers.BaseSampler, space: SearchSpace, mode: str, seed: int,
-                   trials: int, worker: int) -> st.DistinctSampler:
+                   trials: int, worker: int, latency: Callable | None = None) -> st.DistinctSampler:
     """The sampler of one worker of a study: ``sampler`` seeded by the worker's slot (workers sharing a study
-    propose different plans), steered away from the plans the study holds."""
-    base = st.make_sampler(sampler, seed, trials, worker)
+    propose different plans), steered away from the plans the study holds. ``latency``: the predictor the
+    ehvi sampler prices plans with."""
+    base = st.make_sampler(sampler, seed, trials, worker, space, mode, latency)
     return st.DistinctSampler(base, space, mode, seed=st.worker_seed(seed, worker))
 
 
-def study_seeding(space: SearchSpace, mode: str, seeding: str, target: int) -> st.Seeding:
-    """The first trials of a new study for ``--seeding`` (auto: greedy when ``target`` trials allow it)."""
-    return st.Seeding(space, mode, seeding == "greedy" or (seeding == "auto" and st.greedy_fits(space, mode, target)))
+def study_seeding(space: SearchSpace, mode: str, seeding: str, target: int, sampler="ehvi") -> st.Seeding:
+    """The first trials of a new study for ``--seeding``. auto: the greedy chains when ``target`` trials allow
+    them, except for the ehvi sampler, whose model finds the front's ends without them (and the chains cost it
+    hypervolume on every space of ``results/search_quality.md``)."""
+    auto = seeding == "auto" and sampler != "ehvi" and st.greedy_fits(space, mode, target)
+    return st.Seeding(space, mode, seeding == "greedy" or auto)
 
 
 def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampler | None = None) -> dict:
@@ -297,13 +301,14 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
             supernet = train_supernet(inp, model, (fitted or table).predict, budget_ms)
     s = cfg.search
     worker = st.worker_slot(run_dir)
-    sampler = worker_sampler(sampler or s.sampler, inp.space, s.space, s.seed, s.trials, worker)
+    sampler = worker_sampler(sampler or s.sampler, inp.space, s.space, s.seed, s.trials, worker,
+                             (fitted or table).predict)
     study = st.open_study(inp.storage, s.study_name, sampler)
     target = s.trials
     if target > inp.space.size(s.space):  # every plan once is all a study can complete
         target = inp.space.size(s.space)
         warn(f"the search space holds only {target} distinct plans: searching {target}, not {s.trials}")
-    seeding = study_seeding(inp.space, s.space, s.seeding, target)
+    seeding = study_seeding(inp.space, s.space, s.seeding, target, s.sampler if sampler is None else sampler)
     seeding.enqueue(study)
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done >= target:
@@ -342,7 +347,8 @@ def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table
     training = {"training": inp.rt.describe()} if inp else {}
     merge = forms.summary() if forms else "each family's default form (not timed on the target)"
     return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "merge_forms": merge,
-            "model": cfg.model, "supernet_sampling": cfg.supernet.sampling, "seeding": cfg.search.seeding,
+            "model": cfg.model, "supernet_sampling": cfg.supernet.sampling, "sampler": str(cfg.search.sampler),
+            "seeding": cfg.search.seeding,
             "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,
             "baseline_latency_ms": table.baseline_ms if table else None, "backend": timer.backend_name,

@@ -90,12 +90,15 @@ def worker_seed(seed: int, worker: int) -> int:
     return seed if worker == 0 else (seed + worker * 0x9E3779B1) % 2 ** 32
 
 
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
+SAMPLERS = ("ehvi", "nsga2", "tpe", "gp", "random")
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int, trials: int, worker: int = 0):
+def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int, trials: int, worker: int = 0,
+                 space: SearchSpace | None = None, mode: str = "blocks", latency: Callable | None = None):
     """An Optuna sampler, seeded per worker: a name of ``SAMPLERS``, ``module:Class``, or an instance.
+
+    ``ehvi`` (:class:`updp.search.ehvi.EHVISampler`) needs the ``space`` and the ``latency`` predictor.
 
     ``module:Class`` names an installed sampler class (an OptunaHub package, your
     own module); it must subclass ``optuna.samplers.BaseSampler`` and is built
@@ -104,6 +107,12 @@ def make_sampler(sampler: str | optuna.samplers.BaseSampler, seed: int, trials: 
     if isinstance(sampler, optuna.samplers.BaseSampler):
         return sampler
     seed = worker_seed(seed, worker)
+    if sampler == "ehvi":
+        if space is None or latency is None:
+            raise UpdpError("the ehvi sampler needs the search space and a latency predictor")
+        from updp.search.ehvi import EHVISampler
+
+        return EHVISampler(space, mode, latency, seed=seed)
     if sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(population_size=max(10, min(50, trials // 5)), seed=seed)
     if sampler == "tpe":

@@ -502,7 +502,7 @@ def test_a_plan_whose_latency_cannot_be_had_is_a_failed_trial_and_the_search_goe
 @pytest.mark.parametrize("name", st.SAMPLERS)
 def test_every_named_sampler_runs_a_study(tmp_path, name):
     objective = st.Objective(sw.toy_space(), "blocks", sw.Scorer(tmp_path, 0.0), sw.latency, None)
-    study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s",
-                          st.make_sampler(name, 0, 12))
+    sampler = st.make_sampler(name, 0, 12, 0, sw.toy_space(), "blocks", lambda plan: sw.latency(plan)[0])
+    study = st.open_study(st.open_storage(f"journal:{tmp_path}/s.journal", tmp_path), "s", sampler)
     assert st.optimize(study, objective, 12)["complete"] == 12
     assert type(study.sampler).__name__.lower().startswith({"nsga2": "nsgaii", "gp": "gp"}.get(name, name))

@@ -113,6 +113,14 @@ def test_auto_takes_the_greedy_chain_when_the_trials_allow_it(blocks, mode, tria
     assert st.greedy_fits(SearchSpace("m", tuple(specs)), mode, trials) is want
 
 
+@pytest.mark.parametrize("sampler,seeding,want", [("gp", "auto", True), ("tpe", "auto", True), ("ehvi", "auto", False),
+                                                  ("ehvi", "greedy", True), ("gp", "simple", False)])
+def test_auto_seeding_leaves_the_chains_out_for_the_ehvi_sampler(sampler, seeding, want):
+    from updp.pipeline.search import study_seeding
+
+    assert study_seeding(_space(), "blocks", seeding, 100, sampler).greedy is want
+
+
 def test_a_block_whose_single_trial_failed_goes_last_in_the_chain(tmp_path):
     space = _space()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
