@@ -117,12 +117,12 @@ def expected_improvement_2d(mu: np.ndarray, sd: np.ndarray, latency: np.ndarray,
     the front's best at latency <= l (``ref_score`` where none is) and the candidate's: a sum over the front's
     latency steps of width x E[max(0, score - level)], each term in closed form.
     """
-    s, l = _front(np.asarray(front_scores, float), np.asarray(front_latencies, float))
-    inside = l < ref_latency
-    s, l = s[inside], l[inside]
-    levels = np.concatenate([[ref_score], np.maximum(s, ref_score)])
-    lo = np.concatenate([[-np.inf], l])
-    hi = np.concatenate([l, [ref_latency]])
+    scores, lat = _front(np.asarray(front_scores, float), np.asarray(front_latencies, float))
+    inside = lat < ref_latency
+    scores, lat = scores[inside], lat[inside]
+    levels = np.concatenate([[ref_score], np.maximum(scores, ref_score)])
+    lo = np.concatenate([[-np.inf], lat])
+    hi = np.concatenate([lat, [ref_latency]])
     width = np.clip(hi[None, :] - np.maximum(lo[None, :], latency[:, None]), 0.0, None)
     sd = np.maximum(sd, 1e-9)[:, None]
     z = (mu[:, None] - levels[None, :]) / sd
@@ -243,7 +243,8 @@ class EHVISampler(optuna.samplers.BaseSampler):
         rows = [self._index[plans[i]] for i in known]
         scores = np.array([done[i].values[0] for i in known], dtype=float)
         observed = np.array([done[i].values[1] for i in known], dtype=float)
-        scale = float(np.median(observed / np.maximum(self._lat[rows], 1e-12)))  # 1.0 when the predictor is the objective
+        # 1.0 when the predictor is the objective; measured latencies rescale it
+        scale = float(np.median(observed / np.maximum(self._lat[rows], 1e-12)))
         gp = GaussianProcess(self._bits[rows], scores, self._theta)
         self._theta = gp.theta.numpy()
         idx = np.flatnonzero(free)

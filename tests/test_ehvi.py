@@ -43,8 +43,9 @@ def test_the_closed_form_gain_is_the_mean_hypervolume_gain_of_sampled_scores():
     for mu, sd, lat in [(65.0, 4.0, 2.5), (55.0, 10.0, 1.0), (72.0, 0.5, 6.0), (45.0, 3.0, 4.0), (80.0, 5.0, 9.9)]:
         draws = rng.normal(mu, sd, 20000)
         sampled = np.mean([_hypervolume(front + [(d, lat)], ref_s, ref_l) - base for d in draws])
-        exact = expected_improvement_2d(np.array([mu]), np.array([sd]), np.array([lat]), np.array([p[0] for p in front]),
-                                        np.array([p[1] for p in front]), ref_s, ref_l)[0]
+        exact = expected_improvement_2d(np.array([mu]), np.array([sd]), np.array([lat]),
+                                        np.array([p[0] for p in front]), np.array([p[1] for p in front]),
+                                        ref_s, ref_l)[0]
         assert exact == pytest.approx(sampled, rel=0.03, abs=1e-3)
     # a certain score: exactly the area it adds; dominated: nothing
     gain = expected_improvement_2d(np.array([65.0, 55.0]), np.array([0.0, 0.0]), np.array([2.5, 3.5]),
