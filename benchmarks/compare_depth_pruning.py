@@ -2,9 +2,10 @@
 
 For each model and dataset: one baseline, trained by the pipeline; one search (`updp search`: latency
 table, supernet, Optuna study); for each speed-up level, updp's plan is the best-scoring plan the search
-found under baseline latency / level. Then, for each seed, five students of that baseline, each trained
-for the same epochs with the same distillation from the baseline (FadeConfig: lr, KD weight and
-temperature), then BN re-estimated on the same 1,024 training images:
+found under baseline latency / level (with ``--band B``: only among plans at most B faster than that budget,
+where the most-pruned plans score best and would take every level). Then, for each seed, five students of
+that baseline, each trained for the same epochs with the same distillation from the baseline (FadeConfig:
+lr, KD weight and temperature), then BN re-estimated on the same 1,024 training images:
 
 - updp: updp's plan, progressive training (each pruned block fades from its original form), merged.
 - removal: updp's plan with every activation removed at step 0 (DepthShrinker-style), merged.
@@ -75,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS))
     ap.add_argument("--img-size", type=int, help="training and timing resolution (default: 32 CIFAR, 64 Imagenette)")
     ap.add_argument("--levels", type=float, nargs="+", default=[1.3, 1.6], help="target speed-ups")
+    ap.add_argument("--band", type=float, default=0.0,
+                    help="updp's plan only among plans at most this fraction faster than a level's budget "
+                         "(0: any plan within the budget)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--baseline-epochs", type=float, default=30)
     ap.add_argument("--supernet-epochs", type=float, default=6)
@@ -126,12 +130,16 @@ def evaluated(model: torch.nn.Module, batches, rt) -> float:
     return evaluate(rt.prepare(copy.deepcopy(model)), batches, rt)["top1"]
 
 
-def updp_plan(trials: pd.DataFrame, model: str, base_ms: float, level: float) -> PruningPlan:
-    """The best-scoring plan the search found within baseline latency / level (the fastest if none is)."""
+def updp_plan(trials: pd.DataFrame, model: str, base_ms: float, level: float, band: float = 0.0) -> PruningPlan:
+    """The best-scoring plan the search found within baseline latency / level; with ``band`` > 0 only among plans
+    at most that fraction faster than the budget (so a level is not won by a far faster plan). The plan nearest
+    the budget where none is in that window."""
     done = trials[trials.state == "COMPLETE"].astype({"score": float, "latency_ms": float})  # PRUNED rows: no value
-    within = done[done.latency_ms <= base_ms / level]
+    budget = base_ms / level
+    floor = budget / (1.0 + band) if band > 0 else 0.0
+    within = done[(done.latency_ms <= budget) & (done.latency_ms >= floor)]
     pick = (within.sort_values(["score", "latency_ms"], ascending=[False, True]) if len(within)
-            else done.sort_values("latency_ms")).iloc[0]
+            else done.loc[[(done.latency_ms - budget).abs().idxmin()]]).iloc[0]
     return PruningPlan.from_str(model, pick.pruned)
 
 
@@ -244,7 +252,7 @@ def run(args) -> pd.DataFrame:
     rows = []
     for level in args.levels:
         folder = cell / f"L{level}"
-        plan = updp_plan(trials, args.model, base_ms, level)
+        plan = updp_plan(trials, args.model, base_ms, level, args.band)
         matched = match(baseline, plan, inp, args, folder)
         for seed in range(args.seeds):
             for method in METHODS:
@@ -301,8 +309,12 @@ def plot(df: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = list(df.groupby(["model", "dataset", "img_size"], sort=False))
-    fig, axes = plt.subplots(1, len(cells), figsize=(4.5 * len(cells), 3.8), squeeze=False)
-    for ax, ((model, dataset, size), d) in zip(axes[0], cells):
+    cols = min(3, len(cells))
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(cells):]:
+        ax.set_visible(False)
+    for ax, ((model, dataset, size), d) in zip(axes.flat, cells):
         for method, m in d.groupby("method", sort=False):
             g = m.groupby("level")
             ax.errorbar(g.speedup.mean(), g.top1.mean(), xerr=g.speedup.std(), yerr=g.top1.std(), marker="o",
@@ -311,7 +323,7 @@ def plot(df: pd.DataFrame, path: Path) -> None:
         ax.set(title=f"{model}, {dataset} {size}px", xlabel="measured speed-up (ONNX Runtime CPU, batch 1)",
                ylabel="top-1 (%)")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -368,7 +380,8 @@ def main(argv=None) -> int:
     command = "python benchmarks/compare_depth_pruning.py " + (
         "--quick" if args.quick else
         f"--model {args.model} --dataset {args.dataset} --img-size {args.img_size} --levels "
-        f"{' '.join(map(str, args.levels))} --seeds {args.seeds} --baseline-epochs {args.baseline_epochs} "
+        f"{' '.join(map(str, args.levels))}{f' --band {args.band}' if args.band else ''} --seeds {args.seeds} "
+        f"--baseline-epochs {args.baseline_epochs} "
         f"--supernet-epochs {args.supernet_epochs} --trials {args.trials} --train-epochs {args.train_epochs}")
     df["command"] = command
     write(df, args.out, command)

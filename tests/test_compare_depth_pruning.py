@@ -110,3 +110,19 @@ def test_updp_plan_is_the_best_score_within_the_level_and_skips_trials_without_v
     assert updp_plan(trials, "m", 1.0, 1.3).names == ("a",)  # 45 % within 0.77 ms; the faster of the two
     assert updp_plan(trials, "m", 1.0, 1.6).names == ("a", "b")
     assert updp_plan(trials, "m", 1.0, 5.0).names == ("a", "b")  # none within: the fastest
+
+
+def test_updp_plan_band_keeps_a_level_from_being_won_by_a_far_faster_plan(tmp_path):
+    from compare_depth_pruning import updp_plan
+
+    csv = tmp_path / "trials.csv"
+    csv.write_text("trial,state,score,latency_ms,pruned\n"
+                   "0,COMPLETE,50.0,1.0,\n"
+                   "1,COMPLETE,60.0,0.4,\"a,b,c\"\n"
+                   "2,COMPLETE,45.0,0.74,a\n"
+                   "3,COMPLETE,48.0,0.70,b\n"
+                   "4,COMPLETE,44.0,0.60,c\n")
+    trials = pd.read_csv(csv, keep_default_na=False)
+    assert updp_plan(trials, "m", 1.0, 1.3).names == ("a", "b", "c")  # no band: the best score under 0.77 ms
+    assert updp_plan(trials, "m", 1.0, 1.3, band=0.1).names == ("b",)  # within 0.70-0.77 ms: 48 beats 45
+    assert updp_plan(trials, "m", 1.0, 1.6, band=0.01).names == ("c",)  # none in 0.619-0.625 ms: the nearest
