@@ -143,6 +143,20 @@ def _os_error(e: OSError) -> str:
             "(rerun with --debug for the traceback)")
 
 
+def _distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def _peer_stopped(e: BaseException) -> int:
+    """One line for an error under torchrun that most likely comes from a peer going away; exit status 1."""
+    text = str(e).strip()
+    print(f"updp: error: process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} stopped "
+          f"({type(e).__name__}: {text.splitlines()[0][:200] if text else ''}); "
+          "torchrun stops the others; run the same command again to resume from the last checkpoint",
+          file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from updp.cli.latency import rewrite_argv
 
@@ -170,17 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # disk full, read-only folder, a file where a folder should be...
         if args.debug:
             raise
+        if e.filename is None and _distributed():  # a socket error between torchrun's processes, not a file
+            return _peer_stopped(e)
         print(f"updp: error: {_os_error(e)}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - the CLI never shows a raw traceback unasked
         if args.debug:
             raise
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # under torchrun: most likely a peer went away
-            print(f"updp: error: process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']} stopped "
-                  f"({type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); "
-                  "torchrun stops the others; run the same command again to resume from the last checkpoint",
-                  file=sys.stderr)
-            return 1
+        if _distributed():  # under torchrun: most likely a peer went away
+            return _peer_stopped(e)
         print(f"updp: internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1

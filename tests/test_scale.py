@@ -286,6 +286,11 @@ def _ranks(torchrun_pid: int) -> dict[int, int]:
     return ranks
 
 
+def _said(stderr: str) -> str:
+    """What the ranks said (their 'updp:' lines), then the end of torchrun's own report."""
+    return "\n".join([ln for ln in stderr.splitlines() if "updp:" in ln][-10:] + [stderr[-1500:]])
+
+
 @pytest.mark.slow
 def test_torchrun_runs_the_tiny_config_on_two_processes_and_resumes_after_a_killed_rank(tmp_path):
     """``torchrun --nproc_per_node 2 -m updp run``: rank 1 SIGKILLed during the baseline's training ends the
@@ -303,7 +308,7 @@ def test_torchrun_runs_the_tiny_config_on_two_processes_and_resumes_after_a_kill
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
     deadline = time.monotonic() + 240
     while not (run / "baseline.pt").is_file():  # rank 0's first checkpoint inside the baseline's first epoch
-        assert job.poll() is None and time.monotonic() < deadline, job.communicate()[1][-2000:]
+        assert job.poll() is None and time.monotonic() < deadline, _said(job.communicate()[1])
         time.sleep(0.02)
     os.kill(_ranks(job.pid)[1], signal.SIGKILL)
     out, err = job.communicate(timeout=120)
@@ -311,7 +316,7 @@ def test_torchrun_runs_the_tiny_config_on_two_processes_and_resumes_after_a_kill
     saved = torch.load(run / "baseline.pt", weights_only=True)
     assert 0 < saved["step"] and not saved["complete"]
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.returncode == 0, _said(again.stderr)
     assert re.search(rf"baseline:[^\n\r]*\b{saved['step']}/\d+", again.stderr)  # the bar starts where it stopped
     final = json.loads((run / "final.json").read_text())
     assert final["world_size"] == 2 and final["training_device"] == "cpu"
