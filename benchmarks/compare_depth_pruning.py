@@ -113,7 +113,8 @@ def search(args) -> tuple:
         "supernet": {"epochs": args.supernet_epochs, "sampling": "sandwich"},
         "latency": {"backend": "onnxruntime", "threads": args.threads, "merge_forms": "default",
                     "runs": 20 if args.quick else 100},
-        "search": {"trials": args.trials}})
+        # and top-1 as the search metric, as those cells were searched (their cached studies resumed)
+        "search": {"trials": args.trials, "metric": "top1"}})
     run = Path(args.run) / f"{args.model}_{args.dataset}_{args.img_size}" / "search"
     run.mkdir(parents=True, exist_ok=True)
     run_search(cfg, run)

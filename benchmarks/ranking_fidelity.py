@@ -25,11 +25,13 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from common import RESULTS, combine_results, device_name, require_data, shown, write_results
 from search_quality import DEFAULT_DATA, prepare
 
 from updp.pruner import PruningPlan, merge_model
+from updp.search.metrics import METRICS, search_value
 from updp.search.report import pareto_front
 from updp.search.scoring import resident, score_plan
 from updp.train.bn import recalibrate_bn
@@ -65,6 +67,10 @@ def main() -> None:
     ap.add_argument("--eval-images", type=int, default=250)
     ap.add_argument("--noise-seeds", type=int, default=2,
                     help="train the first plan again with this many other seeds: the ground truth's noise floor")
+    ap.add_argument("--truth-seeds", type=int, default=1,
+                    help="train every plan with this many seeds; its ground truth is their mean top-1")
+    ap.add_argument("--supernet-sampling", default="sandwich",
+                    help="subnet sampling of the benchmark's own supernet (sandwich: as the cached runs were made)")
     ap.add_argument("--supernets", nargs="*", default=["uniform", "budget", "epochs_x2"],
                     help="supernet variants trained from the same baseline: uniform, budget, epochs_x2")
     args = ap.parse_args()
@@ -72,7 +78,7 @@ def main() -> None:
         return combine()
     overrides = {"data.img_size": args.img_size, "baseline.epochs": args.baseline_epochs,
                  "supernet.epochs": args.supernet_epochs, "data.calib_images": args.calib_images,
-                 "data.eval_images": args.eval_images}
+                 "data.eval_images": args.eval_images, "supernet.sampling": args.supernet_sampling}
     require_data(args.data)
     setup = prepare(args.data, args.run, args.pool, model=args.model, **overrides)
     inp, ex = setup.inp, setup.exhaustive.set_index("pruned")
@@ -88,20 +94,32 @@ def main() -> None:
                      "supernet_top1": float(ex.loc[text, "score"]), "merged_top1": top1, "train_s": train_s})
         pd.DataFrame(rows).to_csv(truth_csv, index=False)
         print(rows[-1], flush=True)
-    # the noise floor of the ground truth: the first plan trained again with other seeds
+    # the noise floor of the ground truth: plans trained again with other seeds (the first plan, or all of them)
     noise_csv = Path(args.run) / f"ranking_noise_{args.epochs:g}.csv"
     noise = pd.read_csv(noise_csv, keep_default_na=False).to_dict("records") if noise_csv.is_file() else []
-    first = rows[0]
-    for seed in range(args.seed + 1, args.seed + 1 + args.noise_seeds):
-        if any(r["seed"] == seed for r in noise):
-            continue
-        top1, _ = trained_top1(setup, first["pruned"], seed, args.epochs, val, Path(args.run))
-        noise.append({"pruned": first["pruned"], "seed": seed, "merged_top1": top1})
+
+    def retrained(text: str, seed: int) -> float:
+        known = [r["merged_top1"] for r in noise if r["pruned"] == text and r["seed"] == seed]
+        if known:
+            return known[0]
+        top1, _ = trained_top1(setup, text, seed, args.epochs, val, Path(args.run))
+        noise.append({"pruned": text, "seed": seed, "merged_top1": top1})
         pd.DataFrame(noise).to_csv(noise_csv, index=False)
-    noise_top1 = [first["merged_top1"]] + [r["merged_top1"] for r in noise if r["seed"] <= args.seed + args.noise_seeds]
-    args.noise_std = float(pd.Series(noise_top1).std()) if len(noise_top1) > 1 else float("nan")
+        return top1
+
+    first = rows[0]
+    noise_top1 = [first["merged_top1"]] + [retrained(first["pruned"], seed)
+                                           for seed in range(args.seed + 1, args.seed + 1 + args.noise_seeds)]
+    by_plan = {r["pruned"]: [r["merged_top1"]] + [retrained(r["pruned"], seed) for seed in
+                                                  range(args.seed + 1, args.seed + args.truth_seeds)] for r in rows}
+    if args.truth_seeds > 1:  # the std of one training run, pooled over every plan
+        args.noise_std = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in by_plan.values()])))
+    else:
+        args.noise_std = float(pd.Series(noise_top1).std()) if len(noise_top1) > 1 else float("nan")
+    for r in rows:  # the ground truth: the mean over the training seeds
+        r["merged_top1_seed0"], r["merged_top1"] = r["merged_top1"], float(np.mean(by_plan[r["pruned"]]))
     plans = pd.DataFrame(rows)
-    results = [fidelity(setup, plans, name, args, **kw) for name, kw in variants(setup).items()]
+    results = [row for name, kw in variants(setup).items() for row in fidelity(setup, plans, name, args, **kw)]
     report(setup, plans, results, args)
     for name in args.supernets:
         # same baseline weights, a supernet trained another way; only the unpruned plan is scored up front
@@ -110,7 +128,9 @@ def main() -> None:
                  "epochs_x2": {"supernet.epochs": 2 * args.supernet_epochs}}[name]
         other = prepare(args.data, str(Path(args.run) / f"supernet_{name}"), 1, model=args.model,
                         **{**overrides, **extra, "checkpoint": str(Path(args.run) / "baseline.pt")})
-        results.append(fidelity(other, plans, f"supernet_{name}", args))
+        results.extend(fidelity(other, plans, f"supernet_{name}", args))
+        more = 4 * args.eval_images  # and with more held-out images, as the main supernet's variant
+        results.extend(fidelity(other, plans, f"supernet_{name}_eval_images_{more}", args, eval_images=more))
         report(setup, plans, results, args)  # written after each supernet: a run cut short keeps what it measured
 
 
@@ -126,20 +146,24 @@ def report(setup, plans: pd.DataFrame, results: list[dict], args) -> None:
     write_results(args.name, summary, "Ranking fidelity: supernet score vs trained, merged top-1",
                   f"{len(plans)} plans of {setup.cfg.model} ({len(plans) // 2} along the exhaustive front, the rest "
                   f"random dominated ones), each trained with updp's progressive training for {args.epochs:g} "
-                  f"epochs (seed {args.seed}), BN re-estimated on 1,024 images, merged, top-1 on "
+                  + (f"epochs (seed {args.seed})" if args.truth_seeds == 1 else f"epochs with {args.truth_seeds} "
+                     f"seeds ({args.seed} to {args.seed + args.truth_seeds - 1}; its ground truth is their mean)")
+                  + ", BN re-estimated on 1,024 images, merged, top-1 on "
                   f"{len(inp.splits.val)} validation images. Regret: budget = median latency of the plans; the "
                   "plan with the best supernet score under it vs the best trained top-1 under it. Each variant "
                   "scores the same plans against the same trained top-1s; score_s_per_plan is its cost per "
                   "candidate in a search, supernet_train_s what training its supernet took. truth_seed_std: the "
-                  f"std of the first plan's trained top-1 over {args.noise_seeds + 1} training seeds, the noise "
-                  f"floor of the ground truth (range of the {len(plans)} trained top-1s: "
+                  + (f"std of the first plan's trained top-1 over {args.noise_seeds + 1} training seeds"
+                     if args.truth_seeds == 1 else "std of one training run's top-1 (pooled over the plans' seeds)")
+                  + f", the noise floor of the ground truth (range of the {len(plans)} trained top-1s: "
                   f"{plans.merged_top1.max() - plans.merged_top1.min():.2f} points). Per-plan rows: "
                   f"{args.name}_plans.csv.\n\nCommand: python benchmarks/ranking_fidelity.py --data "
                   f"{shown(args.data)} --plans {args.plans} --epochs {args.epochs:g}"
                   + (f" --pool {args.pool}" if args.pool else "") + f" --model {args.model} --img-size "
                   f"{args.img_size} --baseline-epochs {args.baseline_epochs:g} --supernet-epochs "
                   f"{args.supernet_epochs:g} --calib-images {args.calib_images} --eval-images {args.eval_images} "
-                  f"--supernets {' '.join(args.supernets)} --noise-seeds {args.noise_seeds} --name {args.name} "
+                  f"--supernet-sampling {args.supernet_sampling} --supernets {' '.join(args.supernets)} "
+                  f"--noise-seeds {args.noise_seeds} --truth-seeds {args.truth_seeds} --name {args.name} "
                   f"--run {args.run}")
     combine()
 
@@ -148,17 +172,20 @@ def combine() -> None:
     """results/ranking_fidelity.{csv,md}: every dataset's run (results/ranking_fidelity_*.csv) in one table."""
     combine_results(
         "ranking_fidelity", "ranking_fidelity_*.csv", "_plans",
-        ["model", "dataset", "img_size", "plans", "variant", "kendall_tau", "spearman", "regret_top1",
-         "truth_seed_std", "merged_top1_range", "baseline_val_top1", "train_epochs", "score_s_per_plan",
+        ["model", "dataset", "img_size", "plans", "variant", "metric", "kendall_tau", "spearman", "regret_top1",
+         "truth_seeds", "truth_seed_std", "merged_top1_range", "baseline_val_top1", "train_epochs", "score_s_per_plan",
          "supernet_train_s", "train_device"],
         "Ranking fidelity: supernet score vs trained, merged top-1",
         "Per run: 12 plans (half along the exhaustive or pooled front, half dominated), each trained with updp's "
         "progressive training (same budget and seed), merged, top-1 on the validation split; Kendall tau and "
         "Spearman between each variant's supernet score and that top-1; regret: trained top-1 of the best-scored "
-        "plan under the median latency vs the best trained one there. truth_seed_std: the first plan retrained "
-        "with 2 more seeds (std of its top-1), the noise floor against merged_top1_range. `default`: a supernet "
-        "trained with the sandwich rule (updp's default until test_vit's run, where `supernet_uniform` ranked "
-        "plans best; uniform is updp's default now). Details: the ranking_fidelity_*.md files.",
+        "plan under the median latency vs the best trained one there. metric: the score, held-out top-1 or the "
+        "likelihood (100 x exp(-cross-entropy), `+likelihood` variants: updp's default search metric now), both "
+        "from one scoring pass. truth_seeds: each plan trained with that many seeds, its ground truth their mean; "
+        "truth_seed_std: the std of one training run's top-1 (with 1 seed: the first plan retrained with 2 more), "
+        "the noise floor against merged_top1_range. `default`: the run's own supernet (sandwich rule in the runs "
+        "before cifar10_b30, uniform sampling, updp's default now, from there on). Details: the "
+        "ranking_fidelity_*.md files.",
         "python benchmarks/ranking_fidelity.py --combine")
 
 
@@ -185,21 +212,29 @@ def variants(setup) -> dict:
 
 
 def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | None = None,
-             eval_images: int | None = None, finetune_steps: int = 0) -> dict:
-    """Kendall tau, Spearman and regret of one scoring variant on the trained plans."""
+             eval_images: int | None = None, finetune_steps: int = 0) -> list[dict]:
+    """Kendall tau, Spearman and regret of one scoring variant on the trained plans, once per search metric.
+
+    The same scoring pass gives both metrics: held-out top-1 (variant ``name``) and the likelihood,
+    100 x exp(-cross-entropy) (variant ``name+likelihood``).
+    """
     inp, d, rt = setup.inp, setup.cfg.data, setup.inp.rt
     calib = resident(fixed_batches(inp.splits.train_eval, calib_images or d.calib_images, setup.cfg.search.seed), rt)
     held = resident(fixed_batches(inp.splits.held_out, eval_images or d.eval_images, setup.cfg.search.seed), rt)
     t0 = time.perf_counter()
-    scores = [score_plan(setup.supernet, PruningPlan.from_str(setup.cfg.model, p), calib, held, finetune_steps,
-                         rt=rt)["top1"] for p in plans.pruned]
+    scored = [score_plan(setup.supernet, PruningPlan.from_str(setup.cfg.model, p), calib, held, finetune_steps,
+                         rt=rt) for p in plans.pruned]
     score_s = (time.perf_counter() - t0) / len(plans)
-    s = pd.Series(scores, index=plans.index)
     budget = plans.latency_ms.median()
     within = plans.latency_ms <= budget
-    pick = s[within].idxmax()
-    return {"model": setup.cfg.model, "dataset": Path(args.data).name, "img_size": d.img_size, "plans": len(plans),
-            "variant": name, "kendall_tau": s.corr(plans.merged_top1, method="kendall"),
+    rows = []
+    for metric in METRICS:
+        s = pd.Series([search_value(x, metric) for x in scored], index=plans.index)
+        pick = s[within].idxmax()
+        rows.append({
+            "model": setup.cfg.model, "dataset": Path(args.data).name, "img_size": d.img_size, "plans": len(plans),
+            "variant": name if metric == "top1" else f"{name}+{metric}", "metric": metric,
+            "kendall_tau": s.corr(plans.merged_top1, method="kendall"),
             "spearman": s.corr(plans.merged_top1, method="spearman"),
             "regret_top1": plans.merged_top1[within].max() - plans.merged_top1[pick], "budget_ms": budget,
             "score_s_per_plan": score_s, "calib_images": calib_images or d.calib_images,
@@ -208,7 +243,8 @@ def fidelity(setup, plans: pd.DataFrame, name: str, args, calib_images: int | No
             "supernet_train_s": setup.supernet_s, "baseline_val_top1": setup.baseline_top1,
             "train_epochs": args.epochs, "val_images": len(inp.splits.val), "train_device": device_name(rt),
             "merged_top1_range": f"{plans.merged_top1.min():.1f}-{plans.merged_top1.max():.1f}",
-            "truth_seed_std": args.noise_std, "scores": scores}
+            "truth_seed_std": args.noise_std, "truth_seeds": args.truth_seeds, "scores": list(s)})
+    return rows
 
 
 if __name__ == "__main__":

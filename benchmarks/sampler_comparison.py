@@ -29,11 +29,14 @@ from common import RESULTS, require_data, write_results
 from search_quality import DEFAULT_DATA, combine, hypervolume, prepare
 
 from updp.pipeline import search as runner
+from updp.pipeline.config import SearchConfig
 from updp.pruner import PruningPlan
 from updp.search import study as st
+from updp.search.metrics import METRIC_AXES, METRICS, search_value
 
 CHECKPOINTS = (25, 50, 100)
 DEFAULT = "ehvi+distinct"  # updp's defaults: --sampler ehvi, always steered, --seeding auto (no chains for ehvi)
+DEFAULT_METRIC = SearchConfig().metric
 
 
 def configurations(space, trials: int, latency) -> dict:
@@ -50,7 +53,7 @@ def configurations(space, trials: int, latency) -> dict:
             "ehvi+distinct": (distinct("ehvi"), False), "ehvi+distinct+greedy": (distinct("ehvi"), True)}
 
 
-def score_noise(setup) -> dict:
+def score_noise(setup, metric: str) -> dict:
     """How much of the exhaustive scores a search can learn: their spread, the sampling error of top-1 on the
     held-out images (binomial, at the mean score), and the share of their variance an additive per-block model
     explains (least squares on every plan; what is left is mostly that sampling error)."""
@@ -60,24 +63,25 @@ def score_noise(setup) -> dict:
     x = np.c_[np.ones(len(ex)), bits]
     coef, *_ = np.linalg.lstsq(x, ex.score.to_numpy(), rcond=None)
     resid = ex.score.to_numpy() - x @ coef
-    p, n = ex.score.mean() / 100, setup.cfg.data.eval_images
-    return {"score_std": ex.score.std(), "eval_se": 100 * math.sqrt(p * (1 - p) / n),
-            "r2_additive": 1 - resid.var() / ex.score.var()}
+    p, n = ex.top1.mean() / 100, setup.cfg.data.eval_images
+    se = 100 * math.sqrt(p * (1 - p) / n) if metric == "top1" else math.nan  # binomial: top-1 only
+    return {"score_std": ex.score.std(), "eval_se": se, "r2_additive": 1 - resid.var() / ex.score.var()}
 
 
-def run_study(setup, sampler, trials: int, greedy: bool = False) -> tuple[pd.DataFrame, float, int]:
+def run_study(setup, sampler, trials: int, greedy: bool = False, metric: str = "top1"
+              ) -> tuple[pd.DataFrame, float, int]:
     lookup = setup.exhaustive.set_index("pruned")
     model = setup.cfg.model
 
     def scorer(plan: PruningPlan) -> dict:
         row = lookup.loc[plan.to_str()]
-        return {"top1": float(row.score), "loss": float(row.loss)}
+        return {"top1": float(row.top1), "loss": float(row.loss)}
 
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
     seeding = st.Seeding(setup.inp.space, "blocks", greedy)
     seeding.enqueue(study)
     objective = st.Objective(setup.inp.space, "blocks", scorer, runner.PlanLatency("table", setup.timer, setup.table),
-                             None)
+                             None, metric=metric)
     t0 = time.perf_counter()
     st.optimize(study, objective, trials, callbacks=[seeding])
     wall = time.perf_counter() - t0
@@ -99,10 +103,12 @@ def main() -> None:
     ap.add_argument("--model", default="convnext_atto")
     ap.add_argument("--keep", nargs="*", default=[], help="blocks left out of the space (a subset of a larger one)")
     ap.add_argument("--name", default="search_quality_samplers", help="results/NAME.{csv,md}")
+    ap.add_argument("--metric", default=DEFAULT_METRIC, choices=METRICS, help="what the search maximizes")
     args = ap.parse_args()
     require_data(args.data)
     setup = prepare(args.data, args.run, model=args.model, keep=args.keep)
-    ex = setup.exhaustive
+    ex = setup.exhaustive = setup.exhaustive.assign(top1=setup.exhaustive.score)  # the cache's score is top-1
+    ex["score"] = [search_value({"top1": t, "loss": loss}, args.metric) for t, loss in zip(ex.top1, ex.loss)]
     ref_score, ref_latency = ex.score.min(), ex.latency_ms.max() * 1.01
     hv_true = hypervolume(ex, ref_score, ref_latency)
     rows = []
@@ -111,7 +117,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         for seed in range(args.seeds):
-            found, overhead, distinct = run_study(setup, make(seed), args.trials, greedy)
+            found, overhead, distinct = run_study(setup, make(seed), args.trials, greedy, args.metric)
             row = {"model": setup.cfg.model, "sampler": name, "seed": seed, "trials": len(found),
                    "distinct_plans": distinct, "overhead_s_per_trial": overhead}
             for k in CHECKPOINTS:
@@ -127,7 +133,7 @@ def main() -> None:
     g = per_seed.groupby("sampler", sort=False)
     summary = pd.DataFrame({
         "model": setup.cfg.model, "space_blocks": len(setup.inp.space.names), "plans": len(ex),
-        "sampler": list(g.groups), "trials": args.trials, "seeds": g.size().values,
+        "sampler": list(g.groups), "metric": args.metric, "trials": args.trials, "seeds": g.size().values,
         **{f"hv_ratio_{k}_mean": g[f"hv_ratio_{k}"].mean().values for k in CHECKPOINTS},
         **{f"hv_ratio_{k}_std": g[f"hv_ratio_{k}"].std().values for k in CHECKPOINTS},
         "distinct_plans_mean": g.distinct_plans.mean().values,
@@ -135,25 +141,29 @@ def main() -> None:
     summary["hv_ratio_mean"] = summary[f"hv_ratio_{args.trials}_mean"]
     summary["hv_ratio_std"] = summary[f"hv_ratio_{args.trials}_std"]
     best = summary.hv_ratio_mean.idxmax()
-    summary["is_default"] = summary.sampler == DEFAULT
-    noise = score_noise(setup)
+    summary["is_default"] = (summary.sampler == DEFAULT) & (args.metric == DEFAULT_METRIC)
+    noise = score_noise(setup, args.metric)
     for k, v in noise.items():
         summary[k] = v
     write_results(args.name, summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
-                  f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = top-1 on "
-                  f"{setup.cfg.data.eval_images} held-out training images after BN re-estimation on "
+                  f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = {METRIC_AXES[args.metric]} "
+                  f"on {setup.cfg.data.eval_images} held-out training images after BN re-estimation on "
                   f"{setup.cfg.data.calib_images}; latency = the per-block table (ONNX Runtime CPU, input "
                   f"{'x'.join(map(str, setup.timer.cfg.input_shape))}). "
                   f"{args.seeds} seeds per configuration, {args.trials} COMPLETE trials each; hv_ratio_K: after K "
                   f"completed trials. Best mean at {args.trials}: {summary.sampler[best]}. The scores: std "
-                  f"{noise['score_std']:.2f} points over all plans; top-1 on {setup.cfg.data.eval_images} images "
-                  f"has a sampling error of {noise['eval_se']:.2f}; an additive per-block model explains "
-                  f"{100 * noise['r2_additive']:.0f} % of their variance. Per-seed rows: "
+                  f"{noise['score_std']:.2f} points over all plans"
+                  + (f"; top-1 on {setup.cfg.data.eval_images} images has a sampling error of "
+                     f"{noise['eval_se']:.2f}" if args.metric == "top1" else "")
+                  + f"; an additive per-block model explains {100 * noise['r2_additive']:.0f} % of their variance. "
+                  "Per-seed rows: "
                   f"{args.name}_seeds.csv. Space: {len(setup.inp.space.names)} blocks"
                   + (f" (left out: {', '.join(args.keep)})" if args.keep else "") + ".\n\nCommand: python "
                   f"benchmarks/sampler_comparison.py --seeds {args.seeds} --trials {args.trials} --model {args.model}"
-                  + (f" --keep {' '.join(args.keep)}" if args.keep else "") + f" --name {args.name} --run {args.run}")
+                  + (f" --keep {' '.join(args.keep)}" if args.keep else "")
+                  + (f" --only {' '.join(args.only)}" if args.only else "")
+                  + f" --metric {args.metric} --name {args.name} --run {args.run}")
     combine()
 
 

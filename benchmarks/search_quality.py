@@ -123,7 +123,7 @@ def combine() -> pd.DataFrame:
     """results/search_quality.{csv,md}: every space's sampler comparison (``sampler_comparison.py``) in one table."""
     return combine_results(
         "search_quality", "search_quality_samplers*.csv", "_seeds",
-        ["model", "space_blocks", "plans", "sampler", "trials", "seeds", "hv_ratio_mean", "hv_ratio_std",
+        ["model", "space_blocks", "plans", "sampler", "metric", "trials", "seeds", "hv_ratio_mean", "hv_ratio_std",
          "hv_ratio_25_mean", "hv_ratio_50_mean", "distinct_plans_mean", "overhead_s_per_trial", "is_default",
          "score_std", "eval_se", "r2_additive"],
         "Search quality: samplers vs the exhaustive Pareto front",

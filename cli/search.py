@@ -120,7 +120,10 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
           f"report: {run_dir / 'report.md'}, "
           f"plot: {run_dir / 'pareto.png'}")
     if best:
-        print(f"best plan under the budget: trial {int(best['trial'])}, top-1 {best['score']:.2f} %, "
+        from updp.search.metrics import METRIC_NAMES
+
+        name = METRIC_NAMES[summary.get("metric", "top1")]
+        print(f"best plan under the budget: trial {int(best['trial'])}, {name} {best['score']:.2f} %, "
               f"{best['latency_ms']:.4g} ms ({best['latency_source']}), pruned: {best['pruned'] or '(none)'}")
     else:
         print("no completed plan meets the budget")

@@ -9,6 +9,7 @@ from updp.latency.backends import NAMES
 from updp.latency.base import PRECISIONS
 from updp.pruner.schedule import SCHEDULES
 from updp.search.forms import MODES as FORM_MODES
+from updp.search.metrics import METRICS
 from updp.search.study import SAMPLERS, SEEDINGS, make_sampler
 from updp.train.progressive_training import FadeConfig
 from updp.train.runtime import RuntimeConfig, resolve
@@ -84,9 +85,12 @@ class SearchConfig:
                           "module:Class of an installed Optuna sampler (e.g. an OptunaHub one)", "--sampler",
                           metavar="NAME")
     space: str = option("blocks", "one boolean per block, or a pruned count per stage", "--space", SPACES)
+    metric: str = option("likelihood", "what the search maximizes: the supernet's held-out likelihood of the true "
+                         "class, 100 x exp(-cross-entropy) (far less noisy on a few hundred images), or its top-1",
+                         "--metric", METRICS)
     seed: int = option(0, "seed of the sampler, subsets and training", "--seed")
     seeding: str = option("auto", "first trials: simple seed plans, or also every block alone and then the greedy "
-                          "chain (blocks by top-1 lost per ms saved); auto: greedy in the block space when --trials "
+                          "chain (blocks by score lost per ms saved); auto: greedy in the block space when --trials "
                           "is at least 5 x the blocks and the sampler is not ehvi", "--seeding", SEEDINGS)
     latency_budget_ms: float | None = option(None, "latency budget in ms", "--latency-budget-ms", metavar="MS")
     target_speedup: float | None = option(None, "budget = baseline latency / X", "--target-speedup", metavar="X")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from updp.core.config import ConfigError, load_yaml, override, write_yaml
 from updp.core.errors import UpdpError, warn
@@ -84,6 +85,11 @@ def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
         raise ConfigError("the run's storage URL was saved without its password; pass --storage URL again, or "
                           "set UPDP_STORAGE, or write the password as ${VAR} in the URL")
     storage = st.open_storage(url, run_dir)
+    metric = st.study_metric(storage, cfg.search.study_name)
+    if metric not in (None, cfg.search.metric):
+        raise ConfigError(f"the study '{cfg.search.study_name}' of this run maximizes {metric}, not "
+                          f"{cfg.search.metric}: its trials' scores cannot be mixed; pass --metric {metric} to go on, "
+                          "or start a new run directory")
     rt = resolve(cfg.runtime)
     init_distributed(rt)
     return Inputs(cfg, run_dir, splits, space, storage, num_classes, latency_img_size, rt)
@@ -192,4 +198,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UpdpError(f"'{run_dir}' is not an updp run directory (no config.yaml)")
-    return load_yaml(RunConfig, path)
+    cfg = load_yaml(RunConfig, path)
+    saved = yaml.safe_load(path.read_text()) or {}
+    if "metric" not in (saved.get("search") or {}):  # saved before --metric: that run's search maximized top-1
+        cfg = override(cfg, {"search.metric": "top1"})
+    return cfg

@@ -39,6 +39,7 @@ from updp.pipeline.rundir import (
 )
 from updp.search import study as st
 from updp.search.forms import FormPlan, plan_forms
+from updp.search.metrics import METRIC_NAMES
 from updp.search.remote import ImportedTimer, calibration_plans, needed_plans
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
@@ -245,7 +246,7 @@ class PlanLatency:
                                                        "scaled_by_table_baseline_ms": self.table.baseline_ms}
 
 
-def _progress(total: int):
+def _progress(total: int, metric: str):
     bar = tqdm(total=total, desc="search", unit="trial", dynamic_ncols=True)
 
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -254,7 +255,8 @@ def _progress(total: int):
         bar.refresh()
         a = trial.user_attrs
         if trial.state == TrialState.COMPLETE:
-            bar.write(f"trial {trial.number:4d}: top-1 {trial.values[0]:6.2f} %  latency {trial.values[1]:8.4f} ms "
+            bar.write(f"trial {trial.number:4d}: {METRIC_NAMES[metric]} {trial.values[0]:6.2f} %  "
+                      f"latency {trial.values[1]:8.4f} ms "
                       f"({a.get('latency_source')})  pruned {a.get('n_pruned')}")
         elif "duplicate_of" in a:
             bar.write(f"trial {trial.number:4d}: same plan as trial {a['duplicate_of']}, not scored again")
@@ -304,6 +306,8 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
     sampler = worker_sampler(sampler or s.sampler, inp.space, s.space, s.seed, s.trials, worker,
                              (fitted or table).predict)
     study = st.open_study(inp.storage, s.study_name, sampler)
+    if "metric" not in study.user_attrs:
+        study.set_user_attr("metric", s.metric)
     target = s.trials
     if target > inp.space.size(s.space):  # every plan once is all a study can complete
         target = inp.space.size(s.space)
@@ -322,8 +326,8 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
         latency = PlanLatency(cfg.latency.mode, timer, table, fitted)
         objective = st.Objective(inp.space, s.space, scorer, latency, budget_ms,
                                  verify=latency.verify if cfg.latency.mode == "hybrid" else None,
-                                 verify_top=cfg.latency.verify_top)
-        callback, bar = _progress(target)
+                                 verify_top=cfg.latency.verify_top, metric=s.metric)
+        callback, bar = _progress(target, s.metric)
         if worker:
             print(f"updp: worker {worker} joins the study (sampler seed {st.worker_seed(s.seed, worker)})", flush=True)
         with stage(run_dir, "search"):
@@ -347,7 +351,8 @@ def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table
     training = {"training": inp.rt.describe()} if inp else {}
     merge = forms.summary() if forms else "each family's default form (not timed on the target)"
     return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "merge_forms": merge,
-            "model": cfg.model, "supernet_sampling": cfg.supernet.sampling, "sampler": str(cfg.search.sampler),
+            "model": cfg.model, "metric": cfg.search.metric, "supernet_sampling": cfg.supernet.sampling,
+            "sampler": str(cfg.search.sampler),
             "seeding": cfg.search.seeding,
             "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",
             "latency_mode": cfg.latency.mode, "budget_ms": budget_ms,

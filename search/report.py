@@ -9,17 +9,19 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from updp.core.fileio import atomic_path, write_text
+from updp.search.metrics import METRIC_AXES, METRIC_NAMES
 from updp.search.study import trial_plan
 
-COLUMNS = ["trial", "state", "score", "latency_ms", "latency_source", "n_pruned", "pruned", "loss",
+COLUMNS = ["trial", "state", "score", "latency_ms", "latency_source", "n_pruned", "pruned", "top1", "loss",
            "predicted_latency_ms", "feasible", "score_s", "latency_s", "fail_reason", "duplicate_of"]
 
 
-RULE = ("Every figure, the front and the best plan use each trial's own objective values: top-1 of the "
-        "supernet on held-out images, and latency measured where the trial was measured (latency_source "
-        "'measured'), else predicted by the latency table. With a latency budget the Pareto front is that of "
-        "the plans within the budget (Optuna's rule for constrained studies); the best plan is the front's "
-        "highest top-1.")
+RULE = ("Every figure, the front and the best plan use each trial's own objective values: the score (the "
+        "search metric of the supernet on held-out images: {metric}), and latency measured where the trial was "
+        "measured (latency_source 'measured'), else predicted by the latency table. With a latency budget the "
+        "Pareto front is that of the plans within the budget (Optuna's rule for constrained studies); the best "
+        "plan is the front's highest score. top1 and loss: the supernet's held-out top-1 (%) and cross-entropy "
+        "from the same pass.")
 
 
 def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None) -> pd.DataFrame:
@@ -33,7 +35,8 @@ def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None
         rows.append({
             "trial": t.number, "state": t.state.name, "score": t.values[0] if done else math.nan,
             "latency_ms": latency, "latency_source": source,
-            "n_pruned": a.get("n_pruned"), "pruned": trial_plan(t, model).to_str(), "loss": a.get("loss"),
+            "n_pruned": a.get("n_pruned"), "pruned": trial_plan(t, model).to_str(), "top1": a.get("top1"),
+            "loss": a.get("loss"),
             "predicted_latency_ms": latency if source == "predicted" else a.get("predicted_latency_ms"),
             "feasible": bool(done and (budget_ms is None or (latency is not None and latency <= budget_ms))),
             "score_s": a.get("score_s"), "latency_s": a.get("latency_s"),
@@ -60,7 +63,7 @@ def best_under_budget(front: pd.DataFrame, budget_ms: float | None) -> pd.Series
 
 
 def plot(df: pd.DataFrame, front: pd.DataFrame, path: Path, title: str, subtitle: str,
-         budget_ms: float | None) -> None:
+         budget_ms: float | None, metric: str = "top1") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,7 +85,7 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, path: Path, title: str, subtitle
     if budget_ms:
         ax.axvline(budget_ms, ls="--", c="tab:blue", lw=1, label=f"budget {budget_ms:.3g} ms")
     ax.set_xlabel("latency (ms, lower is better)")
-    ax.set_ylabel("supernet top-1 on held-out images (%)")
+    ax.set_ylabel(METRIC_AXES[metric])
     ax.set_title(title, fontsize=11)
     fig.text(0.5, 0.005, subtitle, ha="center", va="bottom", fontsize=7.5, color="0.3", wrap=True)
     ax.grid(alpha=0.3)
@@ -99,6 +102,7 @@ def _md_table(df: pd.DataFrame) -> str:
 
 def write_report(run_dir: Path, study: optuna.Study, context: dict, budget_ms: float | None) -> dict:
     """Write the four report files into ``run_dir``; returns the best plan under the budget."""
+    metric = context.get("metric", "top1")  # a report saved before --metric: top-1
     df = trials_frame(study, context.get("model", ""), budget_ms)
     front = pareto_front(df, budget_ms)
     for name, frame in (("trials.csv", df), ("pareto.csv", front)):
@@ -107,33 +111,35 @@ def write_report(run_dir: Path, study: optuna.Study, context: dict, budget_ms: f
     ctx_line = ", ".join(f"{k} {v}" for k, v in context.items() if k in
                          ("backend", "device", "precision", "batch_size", "latency_input", "latency_mode"))
     plot(df, front, run_dir / "pareto.png", f"{context.get('model')} on {context.get('data')}: "
-         "accuracy vs latency", ctx_line, budget_ms)
+         "accuracy vs latency", ctx_line, budget_ms, metric)
     best = best_under_budget(front, budget_ms)
-    write_text(run_dir / "report.md", _markdown(df, front, best, context, budget_ms))
+    write_text(run_dir / "report.md", _markdown(df, front, best, context, budget_ms, metric))
     states = df.state.value_counts()
     return {"best": None if best is None else best.to_dict(), "front": len(front), "trials": len(df),
-            "distinct_plans": int(df.pruned.nunique()),
+            "distinct_plans": int(df.pruned.nunique()), "metric": metric,
             **{state.lower(): int(states.get(state, 0)) for state in ("COMPLETE", "FAIL", "PRUNED")}}
 
 
-def _markdown(df, front, best, context, budget_ms) -> str:
+def _markdown(df, front, best, context, budget_ms, metric: str) -> str:
     done = df[df.state == "COMPLETE"]
     failed = df[df.state == "FAIL"]
     pruned = df[df.state == "PRUNED"]
     repeats = int(pruned.duplicate_of.notna().sum())
-    lines = [f"# updp search report: {context.get('model')}", "", RULE, "", "## Context", ""]
+    lines = [f"# updp search report: {context.get('model')}", "", RULE.format(metric=METRIC_AXES[metric]), "",
+             "## Context", ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
     lines += ["", "## Best plan under the budget", ""]
     if best is None:
         lines.append(f"No completed plan meets the budget of {budget_ms:.4g} ms.")
     else:
-        lines += [f"- trial {int(best.trial)}: supernet top-1 {best.score:.2f} %, latency {best.latency_ms:.4g} ms "
+        lines += [f"- trial {int(best.trial)}: supernet {METRIC_NAMES[metric]} {best.score:.2f} %, latency "
+                  f"{best.latency_ms:.4g} ms "
                   f"({best.latency_source}), {int(best.n_pruned)} blocks pruned",
                   f"- pruned: {best.pruned.replace(',', ', ') or '(none)'}"]
     if budget_ms:
         lines.append(f"- budget: {budget_ms:.4g} ms")
     lines += ["", "## Pareto front", "", "![Pareto front](pareto.png)", "",
-              _md_table(front[["trial", "score", "latency_ms", "latency_source", "n_pruned", "pruned"]]), "",
+              _md_table(front[["trial", "score", "top1", "latency_ms", "latency_source", "n_pruned", "pruned"]]), "",
               "## Trials", "",
               f"- completed: {len(done)}, failed: {len(failed)}, pruned: {len(pruned)} ({repeats} repeated plans "
               f"not scored again), total: {len(df)}; distinct plans {df.pruned.nunique()} "

@@ -32,6 +32,7 @@ from optuna.trial import TrialState
 from updp.core.errors import UpdpError
 from updp.core.fileio import pid_alive
 from updp.core.plan import PruningPlan
+from updp.search.metrics import search_value
 from updp.search.space import SearchSpace
 from updp.search.storage import RetryOnce, open_lock, open_storage, redact_url, retried_trial, storage_url, study_lock
 
@@ -208,6 +209,18 @@ def open_study(storage, name: str, sampler) -> optuna.Study:
                                directions=["maximize", "minimize"])
 
 
+def study_metric(storage, name: str) -> str | None:
+    """The metric the study ``name`` in ``storage`` maximizes, or None for a study without a completed trial."""
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    if "metric" in study.user_attrs:
+        return study.user_attrs["metric"]
+    # a study from before --metric scored top-1
+    return "top1" if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+
+
 SEEDINGS = ("auto", "greedy", "simple")
 
 
@@ -223,9 +236,9 @@ class Seeding:
     Simple: the unpruned model, the most pruned plan, every other block, one middle block per stage.
     Greedy (block space only) adds each block pruned alone, and each block of the most pruned plan restored
     alone. Once those trials are finished, a callback (this object, passed to :func:`optimize`) enqueues
-    two chains, interleaved: from the unpruned end, blocks pruned in order of supernet top-1 lost per
+    two chains, interleaved: from the unpruned end, blocks pruned in order of supernet score lost per
     millisecond saved (the plans pruning the first 2, 3, ... of them); from the most pruned end, blocks
-    restored in order of top-1 regained per millisecond spent. Together they trace the front from both
+    restored in order of score regained per millisecond spent. Together they trace the front from both
     ends (a supernet can rank heavily pruned plans above lightly pruned ones); the sampler then refines
     around them. About 4 trials per block; enqueued once among racing workers.
     """
@@ -279,7 +292,7 @@ class Seeding:
         return list(dict.fromkeys(plans))
 
     def _forward(self, done: dict) -> list[PruningPlan]:
-        """From the unpruned plan: prune blocks in order of top-1 lost per ms saved (a full stage passed over)."""
+        """From the unpruned plan: prune blocks in order of score lost per ms saved (a full stage passed over)."""
         base = done.get(self.space.plan())
         if base is None:
             return []
@@ -301,7 +314,7 @@ class Seeding:
         return plans
 
     def _backward(self, done: dict) -> list[PruningPlan]:
-        """From the most pruned plan: restore blocks in order of top-1 regained per ms spent (most first)."""
+        """From the most pruned plan: restore blocks in order of score regained per ms spent (most first)."""
         most = self._most_pruned()
         base = done.get(self.space.plan(most))
         if base is None:
@@ -448,7 +461,7 @@ def _other_trial_with_plan(trial: optuna.Trial, plan: PruningPlan) -> int | None
 
 
 def _dominated(study: optuna.Study, score: float, ms: float) -> bool:
-    """Whether a COMPLETE trial of ``study`` is at least as good on both objectives (top-1 up, ms down)."""
+    """Whether a COMPLETE trial of ``study`` is at least as good on both objectives (score up, ms down)."""
     return any(t.values[0] >= score and t.values[1] <= ms
                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
@@ -459,7 +472,7 @@ def measured_count(study: optuna.Study) -> int:
 
 
 class Objective:
-    """Scores a trial's plan with the supernet and gives its latency: (top-1 up, ms down).
+    """Scores a trial's plan with the supernet and gives its latency: (``metric`` up, ms down).
 
     ``latency(plan)`` gives ``(ms, source, context)``: measured, or predicted by
     the latency table. With ``verify`` (hybrid mode), a predicted plan whose
@@ -473,9 +486,9 @@ class Objective:
     """
 
     def __init__(self, space: SearchSpace, mode: str, scorer: Callable, latency: Callable,
-                 budget_ms: float | None, verify: Callable | None = None, verify_top: int = 0):
+                 budget_ms: float | None, verify: Callable | None = None, verify_top: int = 0, metric: str = "top1"):
         self.space, self.mode, self.scorer, self.latency, self.budget_ms = space, mode, scorer, latency, budget_ms
-        self.verify, self.verify_top = verify, verify_top
+        self.verify, self.verify_top, self.metric = verify, verify_top, metric
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         trial.set_user_attr("worker", worker_id())  # first: from here on a killed worker is detected by pid
@@ -499,17 +512,19 @@ class Objective:
         ms, source, context = self._latency(trial, self.latency, plan)
         t1 = time.perf_counter()
         score = self.scorer(plan)
+        value = search_value(score, self.metric)
         t2 = time.perf_counter()
         if (self.verify and source == "predicted" and plan and measured_count(trial.study) < self.verify_top
-                and not _dominated(trial.study, score["top1"], ms)):
+                and not _dominated(trial.study, value, ms)):
             trial.set_user_attr("predicted_latency_ms", ms)
             ms, source, context = self._latency(trial, self.verify, plan)
         trial.set_user_attr("latency_ms", ms)
         trial.set_user_attr("latency_source", source)
         trial.set_user_attr("latency_context", json.loads(json.dumps(context, default=str)))
         trial.set_user_attr("loss", score["loss"])
+        trial.set_user_attr("top1", score["top1"])
         trial.set_user_attr("latency_s", t1 - t0 + time.perf_counter() - t2)
         trial.set_user_attr("score_s", t2 - t1)
         if self.budget_ms:
             trial.set_constraint("latency_budget", ms - self.budget_ms)  # feasible when <= 0
-        return score["top1"], ms
+        return value, ms

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -66,6 +67,11 @@ def test_search_end_to_end_then_resume_is_a_no_op(capsys, tmp_path, data_dir):
     else:
         chosen = int(re.search(r"best plan under the budget: trial (\d+),", out).group(1))
         assert chosen in set(inside.trial[inside.score == inside.score.max()])
+    # the default metric: the score is the held-out likelihood, top-1 and loss from the same pass kept beside it
+    assert (done.score - 100 * np.exp(-done.loss)).abs().max() < 1e-9 and done.top1.between(0, 100).all()
+    assert "supernet likelihood" in (run_dir / "report.md").read_text()
+    msg = _error(capsys, "search", "--resume", run_dir, "--metric", "top1", "--trials", "12")
+    assert "maximizes likelihood, not top1" in msg  # one study, one metric: refused before any work
     code, out, _ = run(capsys, "search", "--resume", run_dir)
     assert code == 0 and "nothing to do" in out
     code, out, _ = run(capsys, "search", "--resume", run_dir, "--trials", "10")

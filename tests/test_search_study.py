@@ -1,6 +1,7 @@
 """Optuna storage, workers sharing a study, stale and failed trials, the report."""
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 
 from updp.core.errors import UpdpError
 from updp.search import study as st
+from updp.search.metrics import METRICS, search_value
 from updp.search.report import best_under_budget, pareto_front, write_report
 
 FORK = multiprocessing.get_context("fork")  # workers start at once: this process is past its imports
@@ -212,6 +214,26 @@ def _toy_objective(scored: list) -> st.Objective:
         scored.append(plan)
         return {"top1": 50.0, "loss": 1.0}
     return st.Objective(sw.toy_space(), "blocks", scorer, sw.latency, budget_ms=None)
+
+
+def test_the_likelihood_metric_is_what_the_search_maximizes_and_top1_is_kept_beside_it(tmp_path):
+    space = sw.toy_space()
+    # top-1 and the cross-entropy disagree on which plan is better: the metric decides
+    scores = {0: {"top1": 60.0, "loss": 1.5}, 1: {"top1": 50.0, "loss": 1.0}}
+    values = {}
+    for metric in METRICS:
+        objective = st.Objective(space, "blocks", lambda plan: scores[len(plan) % 2], sw.latency, None, metric=metric)
+        (tmp_path / metric).mkdir()
+        study = st.open_study(st.open_storage(None, tmp_path / metric), "s", st.make_sampler("random", 0, 6))
+        for plan in ([], space.names[:1]):
+            study.enqueue_trial(_plan_params(space, plan))
+        st.optimize(study, objective, target=2)
+        values[metric] = [t.values[0] for t in study.trials]
+        assert [t.user_attrs["top1"] for t in study.trials] == [60.0, 50.0]
+    assert values["top1"] == [60.0, 50.0]
+    assert values["likelihood"] == pytest.approx([100 * math.exp(-1.5), 100 * math.exp(-1.0)])
+    with pytest.raises(ValueError, match="unknown search metric"):
+        search_value({"top1": 1.0, "loss": 1.0}, "accuracy")
 
 
 def _plan_params(space, plan) -> dict:
