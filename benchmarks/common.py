@@ -63,8 +63,18 @@ def combine_results(name: str, parts_glob: str, skip_suffix: str, cols: list[str
     if not parts:
         raise SystemExit(f"no results/{parts_glob} yet: run the benchmark first")
     table = pd.concat([pd.read_csv(p).assign(run=p.stem) for p in parts], ignore_index=True)
+    commands = [f"- {p.stem}: `{p.with_suffix('.md').read_text().split('Command: ', 1)[1].splitlines()[0]}`"
+                for p in parts]
+    # parts kept only on the machine that ran them (Imagenette's, under ImageNet's terms): their rows and
+    # commands stay as the last combined table had them
+    earlier_csv, earlier_md = RESULTS / f"{name}.csv", RESULTS / f"{name}.md"
+    if earlier_csv.is_file() and earlier_md.is_file():
+        earlier = pd.read_csv(earlier_csv)
+        gone = earlier[~earlier.run.isin([p.stem for p in parts])]
+        table = pd.concat([table, gone], ignore_index=True)
+        commands += [line for line in earlier_md.read_text().splitlines()
+                     if any(line.startswith(f"- {run}: `") for run in gone.run.unique())]
     table = table[[c for c in [*cols, "run"] if c in table.columns]]
-    commands = "\n".join(f"- {p.stem}: `{p.with_suffix('.md').read_text().split('Command: ', 1)[1].splitlines()[0]}`"
-                          for p in parts)
+    commands = "\n".join(commands)
     write_results(name, table, title, f"{notes}\n\nCommands (`{rebuild}` rebuilds this table):\n{commands}")
     return table

@@ -107,14 +107,16 @@ def search(args) -> tuple:
     """(inputs, baseline, its val top-1, the search's trials, baseline latency): cached in the run folder."""
     cfg = from_dict(RunConfig, {
         "model": args.model,
-        "data": {"root": str(args.data), "img_size": args.img_size, "batch_size": args.batch_size},
+        "data": {"root": str(args.data), "img_size": args.img_size, "batch_size": args.batch_size,
+                 "eval_images": 500},
         "baseline": {"epochs": args.baseline_epochs},
         # the sandwich rule, as every cell in results/benchmarks was searched (its cached supernets reused)
         "supernet": {"epochs": args.supernet_epochs, "sampling": "sandwich"},
         "latency": {"backend": "onnxruntime", "threads": args.threads, "merge_forms": "default",
                     "runs": 20 if args.quick else 100},
-        # and top-1 as the search metric, as those cells were searched (their cached studies resumed)
-        "search": {"trials": args.trials, "metric": "top1"}})
+        # and top-1 on 500 held-out images as the search score, as those cells were searched (their cached
+        # studies resumed)
+        "search": {"trials": args.trials, "metric": "top1", "score_on": "held_out"}})
     run = Path(args.run) / f"{args.model}_{args.dataset}_{args.img_size}" / "search"
     run.mkdir(parents=True, exist_ok=True)
     run_search(cfg, run)

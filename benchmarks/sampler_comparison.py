@@ -145,6 +145,9 @@ def main() -> None:
     noise = score_noise(setup, args.metric)
     for k, v in noise.items():
         summary[k] = v
+    # one build of the space's table from another (the latency table is timed again on each build's machine)
+    summary["baseline_top1"] = setup.baseline_top1
+    summary["table_built"] = time.strftime("%Y-%m-%d", time.gmtime(setup.table_mtime))
     write_results(args.name, summary,
                   f"Samplers on {setup.cfg.model}: hypervolume ratio to the exhaustive front ({len(ex)} plans)",
                   f"Baseline val top-1 {setup.baseline_top1:.1f} %; supernet score = {METRIC_AXES[args.metric]} "

@@ -65,6 +65,7 @@ class Setup:
     held: list
     exhaustive: pd.DataFrame
     supernet_s: float = 0.0  # seconds its training took
+    table_mtime: float = 0.0  # when the exhaustive table was written
 
 
 def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext_atto", keep: list[str] = (),
@@ -116,7 +117,8 @@ def prepare(data: str, run: str, pool: int | None = None, model: str = "convnext
         exhaustive = pd.DataFrame(rows)
         exhaustive.to_csv(exhaustive_csv, index=False)
         print(f"exhaustive: {len(rows)} plans in {time.perf_counter() - t0:.0f} s")
-    return Setup(cfg, inp, timer, table, baseline, baseline_top1, supernet, calib, held, exhaustive, supernet_s)
+    return Setup(cfg, inp, timer, table, baseline, baseline_top1, supernet, calib, held, exhaustive, supernet_s,
+                 exhaustive_csv.stat().st_mtime)
 
 
 def combine() -> pd.DataFrame:
@@ -125,7 +127,7 @@ def combine() -> pd.DataFrame:
         "search_quality", "search_quality_samplers*.csv", "_seeds",
         ["model", "space_blocks", "plans", "sampler", "metric", "trials", "seeds", "hv_ratio_mean", "hv_ratio_std",
          "hv_ratio_25_mean", "hv_ratio_50_mean", "distinct_plans_mean", "overhead_s_per_trial", "is_default",
-         "score_std", "eval_se", "r2_additive"],
+         "score_std", "eval_se", "r2_additive", "baseline_top1", "table_built"],
         "Search quality: samplers vs the exhaustive Pareto front",
         "Hypervolume of the front each sampler configuration finds in `trials` COMPLETE trials, divided by the "
         "exhaustive front's (every plan of the space scored with the same supernet and priced by the same latency "
@@ -135,8 +137,10 @@ def combine() -> pd.DataFrame:
         "steered away, `--seeding auto`: no greedy chains with ehvi). score_std, eval_se, r2_additive: the spread "
         "of the space's scores, the sampling error of top-1 on the held-out images, and the share of the "
         "variance an additive per-block model explains (the rest is mostly that error: noise no sampler can "
-        "learn). Details and per-seed rows: the "
-        "search_quality_samplers*.md files.", "python benchmarks/search_quality.py")
+        "learn). baseline_top1, table_built: which build of the space's table (its baseline, supernet and latency "
+        "table trained and timed again: builds on different machines differ; `_build1` parts are earlier builds of "
+        "a space measured again since). Details and per-seed rows: the search_quality_samplers*.md files.",
+        "python benchmarks/search_quality.py")
 
 if __name__ == "__main__":
     combine()

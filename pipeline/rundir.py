@@ -85,11 +85,13 @@ def check_inputs(cfg: RunConfig, run_dir: Path) -> Inputs:
         raise ConfigError("the run's storage URL was saved without its password; pass --storage URL again, or "
                           "set UPDP_STORAGE, or write the password as ${VAR} in the URL")
     storage = st.open_storage(url, run_dir)
-    metric = st.study_metric(storage, cfg.search.study_name)
-    if metric not in (None, cfg.search.metric):
-        raise ConfigError(f"the study '{cfg.search.study_name}' of this run maximizes {metric}, not "
-                          f"{cfg.search.metric}: its trials' scores cannot be mixed; pass --metric {metric} to go on, "
-                          "or start a new run directory")
+    scoring = st.study_scoring(storage, cfg.search.study_name)
+    for key, verb, flag in (("metric", "maximizes", "--metric"), ("score_on", "scores candidates on", "--score-on")):
+        was, now = scoring.get(key), getattr(cfg.search, key)
+        if was not in (None, now):
+            raise ConfigError(f"the study '{cfg.search.study_name}' of this run {verb} {was}, not {now}: its "
+                              f"trials' scores cannot be mixed; pass {flag} {was} to go on, or start a new run "
+                              "directory")
     rt = resolve(cfg.runtime)
     init_distributed(rt)
     return Inputs(cfg, run_dir, splits, space, storage, num_classes, latency_img_size, rt)
@@ -200,6 +202,8 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise UpdpError(f"'{run_dir}' is not an updp run directory (no config.yaml)")
     cfg = load_yaml(RunConfig, path)
     saved = yaml.safe_load(path.read_text()) or {}
-    if "metric" not in (saved.get("search") or {}):  # saved before --metric: that run's search maximized top-1
-        cfg = override(cfg, {"search.metric": "top1"})
+    # saved before --metric / --score-on: that run's search scored top-1 / on the held-out images
+    missing = {f"search.{k}": v for k, v in st.LEGACY_SCORING.items() if k not in (saved.get("search") or {})}
+    if missing:
+        cfg = override(cfg, missing)
     return cfg

@@ -39,7 +39,7 @@ from updp.pipeline.rundir import (
 )
 from updp.search import study as st
 from updp.search.forms import FormPlan, plan_forms
-from updp.search.metrics import METRIC_NAMES
+from updp.search.metrics import METRIC_NAMES, SCORE_SPLITS
 from updp.search.remote import ImportedTimer, calibration_plans, needed_plans
 from updp.search.report import write_report
 from updp.search.scoring import resident, score_plan
@@ -201,10 +201,15 @@ def train_supernet(inp: Inputs, model: torch.nn.Module, predict: Callable[[Pruni
                 return abs(predict(plan) - budget_ms)
             except UpdpError:  # a block the table could not time: never the nearest
                 return float("inf")
+    sampling = cfg.supernet.sampling
+    if sampling == "budget" and near is None:  # the budget fell away (the table measured no saving): nothing to aim at
+        warn("--supernet-sampling budget: the search has no latency budget, so the supernet samples subnets "
+             "uniformly")
+        sampling = "uniform"
     tc = TrainConfig(epochs=cfg.supernet.epochs, batch_size=cfg.data.batch_size, lr=cfg.supernet.lr,
                      seed=cfg.search.seed)
     step = supernet.sandwich_step(cfg.supernet.random_plans, cfg.supernet.kd_alpha, cfg.supernet.kd_temperature,
-                                  seed=cfg.search.seed, sampling=cfg.supernet.sampling, near=near)
+                                  seed=cfg.search.seed, sampling=sampling, near=near)
     # a subnet skips the branch its blocks do not use: those parameters take no part in its pass
     Trainer(supernet.model, tc, inp.splits.train, step, inp.run_dir / "supernet.pt",
             metrics_csv=inp.run_dir / "supernet_metrics.csv", desc="supernet", rt=inp.rt,
@@ -306,8 +311,9 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
     sampler = worker_sampler(sampler or s.sampler, inp.space, s.space, s.seed, s.trials, worker,
                              (fitted or table).predict)
     study = st.open_study(inp.storage, s.study_name, sampler)
-    if "metric" not in study.user_attrs:
-        study.set_user_attr("metric", s.metric)
+    for key in ("metric", "score_on"):  # what every trial of the study is scored by, for a resume to check
+        if key not in study.user_attrs:
+            study.set_user_attr(key, getattr(s, key))
     target = s.trials
     if target > inp.space.size(s.space):  # every plan once is all a study can complete
         target = inp.space.size(s.space)
@@ -321,8 +327,9 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
         st.finish_study(study, target)
     else:
         calib = resident(fixed_batches(inp.splits.train_eval, cfg.data.calib_images, s.seed), inp.rt)
-        held = resident(fixed_batches(inp.splits.held_out, cfg.data.eval_images, s.seed), inp.rt)
-        scorer = lambda plan: score_plan(supernet, plan, calib, held, s.finetune_steps, rt=inp.rt)  # noqa: E731
+        images = getattr(inp.splits, SCORE_SPLITS[s.score_on])
+        scored = resident(fixed_batches(images, cfg.data.eval_images, s.seed), inp.rt)
+        scorer = lambda plan: score_plan(supernet, plan, calib, scored, s.finetune_steps, rt=inp.rt)  # noqa: E731
         latency = PlanLatency(cfg.latency.mode, timer, table, fitted)
         objective = st.Objective(inp.space, s.space, scorer, latency, budget_ms,
                                  verify=latency.verify if cfg.latency.mode == "hybrid" else None,
@@ -346,12 +353,21 @@ def run_search(cfg: RunConfig, run_dir: Path, sampler: optuna.samplers.BaseSampl
     return broadcast_object(inp.rt, summary)
 
 
+def score_images(cfg: RunConfig, inp: Inputs | None = None) -> str:
+    """The images each candidate is scored on, in words (how many, when the run's splits are loaded)."""
+    split = SCORE_SPLITS[cfg.search.score_on]
+    n = min(cfg.data.eval_images, len(getattr(inp.splits, split))) if inp else cfg.data.eval_images
+    where = "training images" if cfg.search.score_on == "train" else "held-out training images"
+    return f"{n} {where} (BN re-estimated on {cfg.data.calib_images} training images per candidate)"
+
+
 def run_context(cfg: RunConfig, timer: PlanTimer, budget_ms: float | None, table: LatencyTable | None,
                 inp: Inputs | None = None, model: LatencyModel | None = None, forms: FormPlan | None = None) -> dict:
     training = {"training": inp.rt.describe()} if inp else {}
     merge = forms.summary() if forms else "each family's default form (not timed on the target)"
     return {**training, "latency_predictor": predictor_summary(model, cfg.latency.mode), "merge_forms": merge,
-            "model": cfg.model, "metric": cfg.search.metric, "supernet_sampling": cfg.supernet.sampling,
+            "model": cfg.model, "metric": cfg.search.metric, "score_images": score_images(cfg, inp),
+            "supernet_sampling": cfg.supernet.sampling,
             "sampler": str(cfg.search.sampler),
             "seeding": cfg.search.seeding,
             "data": cfg.data.root, "accuracy_input": f"{cfg.data.img_size}px",

@@ -83,7 +83,7 @@ class GaussianProcess:
     @torch.no_grad()
     def predict(self, x: np.ndarray, observed: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Posterior mean and standard deviation, in the units of ``y``; with ``observed``, of a new observation
-        (the fitted noise added: what a trial will report, held-out images' sampling noise and all)."""
+        (the fitted noise added: what a trial will report, the scoring images' sampling noise and all)."""
         xs = torch.as_tensor(x, dtype=torch.float64)
         mu, var = [], []
         for chunk in torch.split(xs, 8192):

@@ -17,11 +17,11 @@ COLUMNS = ["trial", "state", "score", "latency_ms", "latency_source", "n_pruned"
 
 
 RULE = ("Every figure, the front and the best plan use each trial's own objective values: the score (the "
-        "search metric of the supernet on held-out images: {metric}), and latency measured where the trial was "
+        "search metric: {metric}, on {images}), and latency measured where the trial was "
         "measured (latency_source 'measured'), else predicted by the latency table. With a latency budget the "
         "Pareto front is that of the plans within the budget (Optuna's rule for constrained studies); the best "
-        "plan is the front's highest score. top1 and loss: the supernet's held-out top-1 (%) and cross-entropy "
-        "from the same pass.")
+        "plan is the front's highest score. top1 and loss: the supernet's top-1 (%) and cross-entropy on the same "
+        "images, from the same pass.")
 
 
 def trials_frame(study: optuna.Study, model: str, budget_ms: float | None = None) -> pd.DataFrame:
@@ -125,8 +125,8 @@ def _markdown(df, front, best, context, budget_ms, metric: str) -> str:
     failed = df[df.state == "FAIL"]
     pruned = df[df.state == "PRUNED"]
     repeats = int(pruned.duplicate_of.notna().sum())
-    lines = [f"# updp search report: {context.get('model')}", "", RULE.format(metric=METRIC_AXES[metric]), "",
-             "## Context", ""]
+    rule = RULE.format(metric=METRIC_AXES[metric], images=context.get("score_images", "held-out images"))
+    lines = [f"# updp search report: {context.get('model')}", "", rule, "", "## Context", ""]
     lines += [f"- {k}: {v}" for k, v in context.items()]
     lines += ["", "## Best plan under the budget", ""]
     if best is None:

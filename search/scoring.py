@@ -1,4 +1,4 @@
-"""Scoring a plan with the supernet: BN re-estimation, optional short fine-tune, held-out top-1.
+"""Scoring a plan with the supernet: BN re-estimation, optional short fine-tune, top-1 and loss on the scoring images.
 
 Scoring never changes the supernet the next candidate sees: with no
 fine-tune only BN statistics move, and they are restored afterwards; with a
@@ -6,6 +6,7 @@ fine-tune the plan is scored on a copy.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterable, Sequence
 
@@ -42,7 +43,8 @@ def _finetune(model: nn.Module, batches: Iterable, steps: int, lr: float, rt: Ru
 def score_plan(supernet: Supernet, pruned: Iterable[str], calib: Batches, held_out: Batches,
                finetune_steps: int = 0, finetune_batches: Iterable | None = None, lr: float = 1e-4,
                rt: Runtime = CPU) -> dict:
-    """Top-1 (%) and loss of the plan on ``held_out`` after BN re-estimation on ``calib``.
+    """Top-1 (%) and loss of the plan on ``held_out`` (the images it is scored on: training or held-out ones,
+    ``--score-on``) after BN re-estimation on ``calib``.
 
     The supernet stays on ``rt``'s device; pass batches already there (:func:`resident`) and a
     candidate costs no host copy beyond its metrics.
@@ -53,11 +55,19 @@ def score_plan(supernet: Supernet, pruned: Iterable[str], calib: Batches, held_o
         _finetune(model, finetune_batches or calib, finetune_steps, lr, rt)
         recalibrate_bn(model, calib, rt)
         return evaluate(model, held_out, rt)
+    with calibrated(supernet, pruned, calib, rt) as model:
+        return evaluate(model, held_out, rt)
+
+
+@contextlib.contextmanager
+def calibrated(supernet: Supernet, pruned: Iterable[str], calib: Batches, rt: Runtime = CPU):
+    """The supernet set to the plan, its BN statistics re-estimated on ``calib``; both undone on exit."""
+    supernet.set_plan(pruned)
     bns = bn_modules(supernet.model)
     saved = [{k: v.clone() for k, v in bn.state_dict().items()} for bn in bns]
     try:
         recalibrate_bn(supernet.model, calib, rt)
-        return evaluate(supernet.model, held_out, rt)
+        yield supernet.model
     finally:
         for bn, state in zip(bns, saved):
             bn.load_state_dict(state)

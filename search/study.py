@@ -209,16 +209,20 @@ def open_study(storage, name: str, sampler) -> optuna.Study:
                                directions=["maximize", "minimize"])
 
 
-def study_metric(storage, name: str) -> str | None:
-    """The metric the study ``name`` in ``storage`` maximizes, or None for a study without a completed trial."""
+# how studies saved before an attribute existed scored their trials: top-1 on the held-out images
+LEGACY_SCORING = {"metric": "top1", "score_on": "held_out"}
+
+
+def study_scoring(storage, name: str) -> dict:
+    """How the study ``name`` in ``storage`` scores its trials: ``metric`` and ``score_on`` (the images); a key
+    is missing for a new study, or one without a completed trial."""
     try:
         study = optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        return None
-    if "metric" in study.user_attrs:
-        return study.user_attrs["metric"]
-    # a study from before --metric scored top-1
-    return "top1" if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else None
+        return {}
+    attrs = study.user_attrs
+    legacy = LEGACY_SCORING if study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) else {}
+    return {k: attrs.get(k, legacy.get(k)) for k in LEGACY_SCORING if attrs.get(k, legacy.get(k)) is not None}
 
 
 SEEDINGS = ("auto", "greedy", "simple")

@@ -72,12 +72,52 @@ def test_search_end_to_end_then_resume_is_a_no_op(capsys, tmp_path, data_dir):
     assert "supernet likelihood" in (run_dir / "report.md").read_text()
     msg = _error(capsys, "search", "--resume", run_dir, "--metric", "top1", "--trials", "12")
     assert "maximizes likelihood, not top1" in msg  # one study, one metric: refused before any work
+    # scored on the training images by default (all 270 of this tiny set), and a resume cannot switch
+    assert "on 270 training images" in (run_dir / "report.md").read_text()
+    msg = _error(capsys, "search", "--resume", run_dir, "--score-on", "held_out", "--trials", "12")
+    assert "scores candidates on train, not held_out" in msg and "--score-on train" in msg
+    _check_scored_on_training_images(run_dir, done)
     code, out, _ = run(capsys, "search", "--resume", run_dir)
     assert code == 0 and "nothing to do" in out
     code, out, _ = run(capsys, "search", "--resume", run_dir, "--trials", "10")
     assert code == 0 and (pd.read_csv(run_dir / "trials.csv").state == "COMPLETE").sum() == 10
     code, out, _ = run(capsys, "report", run_dir)
     assert code == 0 and "Pareto front" in out
+
+
+def _check_scored_on_training_images(run_dir: Path, done: pd.DataFrame) -> None:
+    """The unpruned plan's trial loss is the supernet's on the training images, not on the held-out ones."""
+    from updp.pipeline import rundir
+    from updp.pipeline.search import train_supernet
+    from updp.pruner import PruningPlan
+    from updp.search.scoring import score_plan
+    from updp.train.data import fixed_batches
+
+    inp = rundir.check_inputs(rundir.load_run_config(run_dir), run_dir)
+    supernet = train_supernet(inp, rundir.baseline_model(inp))  # finished: loaded, not trained
+    cfg = inp.cfg
+    calib = fixed_batches(inp.splits.train_eval, cfg.data.calib_images, cfg.search.seed)
+    loss = {split: score_plan(supernet, PruningPlan(cfg.model), calib,
+                              fixed_batches(getattr(inp.splits, split), cfg.data.eval_images, cfg.search.seed))["loss"]
+            for split in ("train_eval", "held_out")}
+    trial = float(done[done.pruned == ""].loss.iloc[0])
+    assert abs(trial - loss["train_eval"]) < 1e-6 < abs(trial - loss["held_out"]), (trial, loss)
+
+
+def test_budget_sampling_whose_budget_fell_away_trains_uniformly_with_a_warning(capsys, tmp_path, data_dir):
+    from updp.core.config import from_dict
+    from updp.pipeline import rundir
+    from updp.pipeline.config import RunConfig
+    from updp.pipeline.search import train_supernet
+    from updp.pruner import create_model
+
+    cfg = from_dict(RunConfig, {"model": "test_convnext", "data": {"root": str(data_dir), "img_size": 32},
+                                "supernet": {"epochs": 0.15, "sampling": "budget"}, "search": {"budget_frac": 0.5}})
+    inp = rundir.check_inputs(cfg, tmp_path)
+    # the table measured no saving (a noisy machine): the search runs without a budget, the supernet still trains
+    train_supernet(inp, create_model("test_convnext", num_classes=inp.num_classes), predict=None, budget_ms=None)
+    assert "samples subnets uniformly" in capsys.readouterr().err
+    assert (tmp_path / "supernet.pt").is_file()
 
 
 def _error(capsys, *argv):

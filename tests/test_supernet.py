@@ -6,7 +6,7 @@ import copy
 import torch
 
 from updp.pruner import create_model, find_blocks, progressive_blocks
-from updp.search.scoring import score_plan
+from updp.search.scoring import calibrated, score_plan
 from updp.search.space import SearchSpace
 from updp.search.supernet import Supernet
 from updp.train.bn import recalibrate_bn
@@ -66,6 +66,26 @@ def test_scoring_does_not_change_what_the_next_candidate_sees():
     after = sn.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert score_plan(sn, plan, calib, held) == first  # deterministic and unaffected
+
+
+def test_calibrated_sets_the_plan_and_its_bn_statistics_then_undoes_both_even_on_error():
+    sn = _supernet()
+    before = {k: v.clone() for k, v in sn.model.state_dict().items()}
+    plan = {"stages.2.blocks.1"}
+    calib = _batches(2, seed=3)
+    try:
+        with calibrated(sn, plan, calib) as model:
+            lams = {n: b.lam for n, b in progressive_blocks(model).items()}
+            assert {n for n, v in lams.items() if v == 0.0} == plan
+            inside = {k: v.clone() for k, v in model.state_dict().items()}
+            raise KeyboardInterrupt  # a scoring cut short
+    except KeyboardInterrupt:
+        pass
+    changed = [k for k in before if "running_" in k and not torch.equal(before[k], inside[k])]
+    assert changed  # the statistics were re-estimated for the plan inside
+    after = sn.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(b.lam == 1.0 for b in progressive_blocks(sn.model).values())
 
 
 def test_bn_recalibration_is_a_plain_average():

@@ -180,7 +180,7 @@ def transforms(img_size: int, train: bool, mean=IMAGENET_DEFAULT_MEAN, std=IMAGE
 
 @dataclass
 class Splits:
-    """Training images, a held-out slice of train (for search scoring) and val."""
+    """Training images, a held-out slice of train (scored with ``--score-on held_out``) and val."""
 
     classes: list[str]
     train: Dataset
